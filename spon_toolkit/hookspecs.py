@@ -1,0 +1,105 @@
+"""The hook specifications of spon-toolkit: every extension point in one module.
+
+Plugins implement these with ``@spon_toolkit.hookimpl``. Each *catalogue* hook receives one argument,
+``register``, a callable ``register(name, factory, description="", **meta)`` bound to a typed registry and
+to the plugin being loaded; registering a name twice is an error that names both plugins.
+Hooks are always called with keyword arguments, and new arguments are only ever appended, so a plugin
+written against an older version keeps working.
+
+The factories' contracts are summarised per hook below and detailed in ``docs/plugins.md``.
+"""
+
+from __future__ import annotations
+
+import pluggy
+
+PROJECT = "spon_toolkit"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def spon_register_architectures(register):
+    """Register how a decoder architecture names its layers and linear modules.
+
+    ``register(model_type, ArchSpec(...))`` where ``model_type`` is ``config.model_type`` of a
+    transformers model and :class:`spon_toolkit.sites.ArchSpec` maps the toolkit's seven canonical
+    modules (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) onto the model's attribute paths.
+    """
+
+
+@hookspec
+def spon_register_model_loaders(register):
+    """Register model loaders.
+
+    ``register(name, load)`` with ``load(name_or_path, *, dtype=None, device="auto", **options)``
+    returning ``(model, tokenizer)``. The model is a transformers causal LM in eval mode on ``device``.
+    """
+
+
+@hookspec
+def spon_register_sparsifiers(register):
+    """Register activation sparsifiers.
+
+    ``register(name, factory)`` with ``factory(sparsity, **options)`` returning an object that follows
+    :class:`spon_toolkit.sparsifiers.Sparsifier`: ``calibrate(model, sites, batches)``,
+    ``function(site) -> (Tensor -> Tensor)`` and ``state_dict()`` / ``load_state_dict()``.
+    ``sparsity`` is a float in [0, 1] or a mapping site -> float.
+    """
+
+
+@hookspec
+def spon_register_allocations(register):
+    """Register allocation strategies: which sites get a SPON bias.
+
+    ``register(name, allocate)`` with ``allocate(context, **options)`` returning the sites to bias
+    (an iterable of site names); ``context`` is a :class:`spon_toolkit.allocation.AllocationContext`
+    (layers, sparsified sites, parameter counts, importance scores). The toolkit validates the result.
+    """
+
+
+@hookspec
+def spon_register_importance_methods(register):
+    """Register layer-importance methods (sensitivity, Shapley, cornerstone ...).
+
+    ``register(name, score)`` with ``score(model, batches, sparsifier, sites, **options)`` returning a
+    mapping of player (layer or sublayer) -> score, plus metadata (see ``spon_toolkit.importance``).
+    """
+
+
+@hookspec
+def spon_register_trainers(register):
+    """Register SPON trainers (the KL trainer and loss ablations).
+
+    ``register(name, factory)`` with ``factory(**options)`` returning an object whose
+    ``train(sparse_model, batches)`` trains the attached biases and returns metrics.
+    """
+
+
+@hookspec
+def spon_register_analyzers(register):
+    """Register analyzers of trained biases and runs (PCA alignment, bias statistics, probes ...).
+
+    ``register(name, analyze)`` with ``analyze(run, **options)`` returning a JSON-serialisable dict
+    of tables/figure paths.
+    """
+
+
+@hookspec
+def spon_register_report_sections(register):
+    """Register notebook report sections.
+
+    ``register(name, build, order=100)`` with ``build(results) -> list`` of nbformat cells; sections
+    are emitted in ascending ``order``.
+    """
+
+
+@hookspec
+def spon_register_commands(register):
+    """Register ``spon`` sub-commands.
+
+    ``register(name, run, description, configure=configure)``: ``configure(parser)`` adds arguments to
+    an ``argparse.ArgumentParser``; ``run(args, toolkit) -> int`` executes the command and returns the
+    exit status. ``description`` is the one-line help shown by ``spon --help``.
+    """

@@ -1,0 +1,31 @@
+"""Shared fixtures. Unit tests use tiny random Llama models; tests marked ``slow`` use the real offline
+model (smollm2-135m, converted once from its PyPI wheel and cached)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Tests never load plugins from the environment or the working directory by accident.
+os.environ.setdefault("SPON_DISABLE_PLUGIN_AUTOLOAD", "1")
+
+
+@pytest.fixture(autouse=True)
+def _seed_everything():
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture
+def tiny_model():
+    from spon_toolkit.testing.tiny import make_tiny_llama
+
+    return make_tiny_llama(seed=0)
+
+
+@pytest.fixture
+def tiny_ids():
+    g = torch.Generator().manual_seed(1)
+    return torch.randint(0, 256, (2, 16), generator=g)
