@@ -1,0 +1,594 @@
+"""Results on disk (the seed repository's layout) and their aggregation.
+
+::
+
+    <output_dir>/<experiment>/
+      metadata.json                       experiment name, spec file, environment, list of runs
+      runs/run_<timestamp>/
+        config.json                       the validated spec, its hash and the item ids
+        results.json                      {item id: record} of every finished item (numbers + protocol)
+        metrics.csv                       one row of scalars per finished item (incl. timings)
+        logs.json                         {item id: training history, stage timings}
+        summary.json                      status, counts, failures
+        checkpoints/<item>.safetensors    trained SPON biases (+ JSON side-car)
+        figures/
+      aggregated/{summary.csv, pareto.json, latex_tables/ppl.tex}
+      analysis/{statistics.json, comparisons.json}
+
+Every file is written atomically (temporary file in the same directory, then ``os.replace``), and an
+item counts as finished only once its record is in ``results.json`` -- the last write of an item. A sweep
+that is killed and started again continues the latest run with the same spec hash, skips finished
+items, and rebuilds the aggregated files from ``results.json`` alone (no timings, stable order), so they
+equal those of an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+BASELINE = "BASELINE-TEAL"
+CONFIDENCE = 0.95
+
+#: scalar columns of one item record, in CSV order
+RECORD_COLUMNS = (
+    "id", "config", "allocation", "sparsity", "seed", "dense_ppl", "sparse_ppl", "ppl", "damage_recovered",
+    "spon_params", "n_biased_sites", "n_sparse_sites", "achieved_sparsity", "train_steps", "train_final_loss",
+)
+
+
+# --- atomic writes ------------------------------------------------------------------------------------
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def _json_default(obj: Any) -> Any:
+    if hasattr(obj, "tolist"):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _clean(obj: Any) -> Any:
+    """NaN/inf are not JSON: write them as null."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, Mapping):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _fmt(row.get(k)) for k in columns})
+    return buf.getvalue()
+
+
+def _fmt(v: Any) -> Any:
+    if isinstance(v, float):
+        return "" if not math.isfinite(v) else repr(v)
+    return "" if v is None else v
+
+
+def read_json(path: Path, what: str = "file") -> Any:
+    """Read a JSON file; a missing or broken file is a one-line :class:`ConfigError` naming it."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: missing {what}; is this a results directory written by 'spon run'?") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+# --- statistics ---------------------------------------------------------------------------------------
+
+def summarize(values: Iterable[float], confidence: float = CONFIDENCE) -> dict[str, Any]:
+    """Mean, sample std and a two-sided Student-t confidence interval of ``values``.
+
+    With one value the std and interval are ``None``: one seed says nothing about seed variance.
+    """
+    xs = [float(v) for v in values if v is not None and math.isfinite(float(v))]
+    n = len(xs)
+    out: dict[str, Any] = {"n": n, "mean": None, "std": None, "ci_low": None, "ci_high": None}
+    if n == 0:
+        return out
+    mean = math.fsum(xs) / n
+    out["mean"] = mean
+    if n >= 2:
+        from scipy import stats
+
+        std = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+        half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * std / math.sqrt(n)
+        out.update(std=std, ci_low=mean - half, ci_high=mean + half)
+    return out
+
+
+def compute_pareto_frontier(
+    points: Iterable[Mapping[str, Any]], x: str = "spon_params", y: str = "ppl"
+) -> list[dict[str, Any]]:
+    """The points not dominated in (``x``, ``y``), both minimised, sorted by ``x`` then ``y``.
+
+    A point is dominated when another is no worse on both axes and better on one. With the defaults
+    this is the SPON-parameter-count vs perplexity frontier: no cheaper config reaches a lower PPL.
+    Points lacking a finite ``x`` or ``y`` are ignored.
+    """
+    pts = [dict(p) for p in points
+           if p.get(x) is not None and p.get(y) is not None and math.isfinite(p[x]) and math.isfinite(p[y])]
+    pts.sort(key=lambda p: (p[x], p[y]))
+    frontier: list[dict[str, Any]] = []
+    best_y = math.inf
+    for p in pts:
+        if p[y] < best_y:
+            frontier.append(p)
+            best_y = p[y]
+    return frontier
+
+
+def _group(records: Iterable[Mapping[str, Any]]) -> dict[tuple[float, str], list[Mapping[str, Any]]]:
+    groups: dict[tuple[float, str], list[Mapping[str, Any]]] = {}
+    for r in records:
+        groups.setdefault((r["sparsity"], r["config"]), []).append(r)
+    return groups
+
+
+STAT_METRICS = ("ppl", "sparse_ppl", "dense_ppl", "damage_recovered", "achieved_sparsity")
+
+
+def aggregate_statistics(records: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Per (sparsity, config): statistics over seeds of each metric of :data:`STAT_METRICS`."""
+    rows = []
+    for (s, config), group in _group(records).items():
+        row: dict[str, Any] = {"config": config, "sparsity": s, "seeds": [r["seed"] for r in group],
+                               "spon_params": group[0].get("spon_params")}
+        for metric in STAT_METRICS:
+            row[metric] = summarize(r.get(metric) for r in group)
+        rows.append(row)
+    return rows
+
+
+def _block_means(r: Mapping[str, Any]) -> list[float] | None:
+    blocks = r.get("block_nll") or {}
+    return blocks.get("spon")
+
+
+def compare_to_baseline(records: Sequence[Mapping[str, Any]], baseline: str = BASELINE) -> list[dict[str, Any]]:
+    """Each config vs ``baseline`` at the same sparsity, paired over seeds and over eval blocks.
+
+    - over seeds: ``ppl(config) - ppl(baseline)`` per seed (same seed, same data), then mean/std/CI;
+    - over blocks: per eval block the NLL difference (config minus baseline) averaged over the shared
+      seeds, then mean, t-interval, paired t-test p-value and the fraction of blocks the config wins.
+    Negative differences mean the config has the lower perplexity.
+    """
+    from scipy import stats
+
+    out = []
+    groups = _group(records)
+    for (s, config), group in groups.items():
+        if config == baseline or (s, baseline) not in groups:
+            continue
+        base = {r["seed"]: r for r in groups[(s, baseline)]}
+        pairs = [(r, base[r["seed"]]) for r in group if r["seed"] in base]
+        if not pairs:
+            continue
+        entry: dict[str, Any] = {
+            "config": config, "baseline": baseline, "sparsity": s, "seeds": [r["seed"] for r, _ in pairs],
+            "ppl_diff_over_seeds": summarize(r["ppl"] - b["ppl"] for r, b in pairs),
+            "ppl_ratio_over_seeds": summarize(r["ppl"] / b["ppl"] for r, b in pairs),
+        }
+        blocks = [(_block_means(r), _block_means(b)) for r, b in pairs]
+        if all(a is not None and b is not None and len(a) == len(b) for a, b in blocks):
+            n_blocks = len(blocks[0][0])
+            diff = [math.fsum(a[i] - b[i] for a, b in blocks) / len(blocks) for i in range(n_blocks)]
+            block_stats = summarize(diff)
+            if n_blocks >= 2 and any(d != diff[0] for d in diff):
+                block_stats["p_value"] = float(stats.ttest_1samp(diff, 0.0).pvalue)
+            else:
+                block_stats["p_value"] = None
+            block_stats["fraction_blocks_better"] = sum(d < 0 for d in diff) / n_blocks if n_blocks else None
+            entry["nll_diff_over_blocks"] = block_stats
+        out.append(entry)
+    return out
+
+
+def pareto_by_sparsity(stat_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Per sparsity: all (config, SPON parameters, mean PPL) points and the Pareto frontier among them."""
+    out: dict[str, Any] = {"x": "spon_params", "y": "ppl_mean", "by_sparsity": []}
+    for s in sorted({r["sparsity"] for r in stat_rows}):
+        points = [{"config": r["config"], "spon_params": r["spon_params"], "ppl": r["ppl"]["mean"]}
+                  for r in stat_rows if r["sparsity"] == s]
+        frontier = compute_pareto_frontier(points)
+        out["by_sparsity"].append({"sparsity": s, "points": points,
+                                   "frontier": [p["config"] for p in frontier]})
+    return out
+
+
+def _latex_escape(text: str) -> str:
+    return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
+
+
+def latex_ppl_table(stat_rows: Sequence[Mapping[str, Any]], caption: str = "") -> str:
+    """A booktabs table: one row per config, per sparsity the PPL (mean +- std over seeds) and the
+    damage recovered."""
+    sparsities = sorted({r["sparsity"] for r in stat_rows})
+    configs: list[str] = []
+    for r in stat_rows:
+        if r["config"] not in configs:
+            configs.append(r["config"])
+    cell = {(r["config"], r["sparsity"]): r for r in stat_rows}
+
+    def fmt(stat: Mapping[str, Any] | None, pct: bool = False) -> str:
+        if not stat or stat.get("mean") is None:
+            return "--"
+        scale = 100.0 if pct else 1.0
+        text = f"{stat['mean'] * scale:.1f}" if pct else f"{stat['mean']:.2f}"
+        if stat.get("std") is not None:
+            text += f" $\\pm$ {stat['std'] * scale:.1f}" if pct else f" $\\pm$ {stat['std']:.2f}"
+        return text
+
+    cols = "l r " + " ".join("r r" for _ in sparsities)
+    lines = [r"\begin{table}[t]", r"\centering", rf"\begin{{tabular}}{{{cols}}}", r"\toprule"]
+    head = ["Config", "SPON params"] + [rf"\multicolumn{{2}}{{c}}{{$s={s:g}$}}" for s in sparsities]
+    lines.append(" & ".join(head) + r" \\")
+    lines.append(" & & " + " & ".join("PPL & Rec. (\\%)" for _ in sparsities) + r" \\")
+    lines.append(r"\midrule")
+    for c in configs:
+        params = next((cell[(c, s)]["spon_params"] for s in sparsities if (c, s) in cell), None)
+        row = [_latex_escape(c), f"{params:,}" if params is not None else "--"]
+        for s in sparsities:
+            r = cell.get((c, s))
+            row += [fmt(r["ppl"] if r else None), fmt(r["damage_recovered"] if r else None, pct=True)]
+        lines.append(" & ".join(row) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}"]
+    if caption:
+        lines.append(rf"\caption{{{_latex_escape(caption)}}}")
+    lines += [r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+SUMMARY_COLUMNS = ["config", "sparsity", "n_seeds", "spon_params", "dense_ppl", "sparse_ppl", "sparse_ppl_std",
+                   "ppl_mean", "ppl_std", "ppl_ci_low", "ppl_ci_high", "damage_recovered_mean",
+                   "damage_recovered_std", "damage_recovered_ci_low", "damage_recovered_ci_high",
+                   "achieved_sparsity"]
+
+
+def _summary_rows(stat_rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for r in stat_rows:
+        rows.append({
+            "config": r["config"], "sparsity": r["sparsity"], "n_seeds": r["ppl"]["n"],
+            "spon_params": r["spon_params"], "dense_ppl": r["dense_ppl"]["mean"],
+            "sparse_ppl": r["sparse_ppl"]["mean"], "sparse_ppl_std": r["sparse_ppl"]["std"],
+            "ppl_mean": r["ppl"]["mean"], "ppl_std": r["ppl"]["std"], "ppl_ci_low": r["ppl"]["ci_low"],
+            "ppl_ci_high": r["ppl"]["ci_high"],
+            "damage_recovered_mean": r["damage_recovered"]["mean"],
+            "damage_recovered_std": r["damage_recovered"]["std"],
+            "damage_recovered_ci_low": r["damage_recovered"]["ci_low"],
+            "damage_recovered_ci_high": r["damage_recovered"]["ci_high"],
+            "achieved_sparsity": r["achieved_sparsity"]["mean"],
+        })
+    return rows
+
+
+# --- the experiment directory -------------------------------------------------------------------------
+
+def _environment() -> dict[str, Any]:
+    import platform
+    import sys
+
+    from . import __version__
+
+    env: dict[str, Any] = {"spon_toolkit": __version__, "python": sys.version.split()[0],
+                           "platform": platform.platform(), "cpu_count": os.cpu_count()}
+    for mod in ("torch", "transformers", "numpy", "pandas"):
+        try:
+            env[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            env[mod] = None
+    try:
+        import torch
+
+        env["torch_threads"] = torch.get_num_threads()
+        env["cuda"] = torch.cuda.is_available()
+    except Exception:  # pragma: no cover
+        pass
+    return env
+
+
+def check_output_dir(output_dir: str | os.PathLike, key: str = "--output-dir") -> Path:
+    """Make sure ``output_dir`` is (or can become) a writable directory; one-line error otherwise."""
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{path}: {key} names a file, not a directory; pass a directory path")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{path}: {key} cannot be created ({exc.strerror}); pass a writable directory") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{path}: {key} is not writable; pass a writable directory")
+    return path
+
+
+@dataclass
+class RunState:
+    """What one run directory holds in memory; written back after each finished item."""
+
+    run_dir: Path
+    config: dict[str, Any]
+    results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    logs: dict[str, Any] = field(default_factory=dict)
+    failures: dict[str, dict[str, str]] = field(default_factory=dict)
+    resumed: bool = False
+
+
+class ExperimentManager:
+    """Owns ``<output_dir>/<experiment>/``: run directories, per-item records, aggregation.
+
+    Typical use (what :mod:`spon_toolkit.runner` does)::
+
+        mgr = ExperimentManager("results", "allocation")
+        mgr.start_run(spec_hash, config={...}, item_ids=[...])
+        if not mgr.is_finished(item_id):
+            mgr.record(item_id, record, logs=history)     # atomic, after the item's checkpoint
+        mgr.aggregate()                                   # aggregated/ + analysis/
+    """
+
+    def __init__(self, output_dir: str | os.PathLike, experiment: str):
+        self.output_dir = Path(output_dir)
+        self.experiment = experiment
+        self.experiment_dir = self.output_dir / experiment
+        self.run: RunState | None = None
+
+    # layout
+    @property
+    def runs_dir(self) -> Path:
+        return self.experiment_dir / "runs"
+
+    @property
+    def aggregated_dir(self) -> Path:
+        return self.experiment_dir / "aggregated"
+
+    @property
+    def analysis_dir(self) -> Path:
+        return self.experiment_dir / "analysis"
+
+    @property
+    def run_dir(self) -> Path:
+        if self.run is None:
+            raise RuntimeError("no run started; call start_run() first")
+        return self.run.run_dir
+
+    def checkpoint_path(self, item_slug: str) -> Path:
+        return self.run_dir / "checkpoints" / f"{item_slug}.safetensors"
+
+    # runs
+    def _latest_run(self, spec_hash: str) -> Path | None:
+        if not self.runs_dir.is_dir():
+            return None
+        for run_dir in sorted(self.runs_dir.glob("run_*"), reverse=True):
+            cfg = run_dir / "config.json"
+            if cfg.is_file():
+                try:
+                    if json.loads(cfg.read_text()).get("spec_hash") == spec_hash:
+                        return run_dir
+                except json.JSONDecodeError:
+                    continue
+        return None
+
+    def start_run(self, spec_hash: str, config: Mapping[str, Any], item_ids: Sequence[str], *,
+                  resume: bool = True, metadata: Mapping[str, Any] | None = None) -> RunState:
+        """Continue the latest run with the same ``spec_hash`` (``resume=True``) or create a new one."""
+        check_output_dir(self.output_dir)
+        existing = self._latest_run(spec_hash) if resume else None
+        if existing is not None:
+            state = RunState(existing, read_json(existing / "config.json", "run config"), resumed=True)
+            if (existing / "results.json").is_file():
+                state.results = read_json(existing / "results.json", "run results")
+            if (existing / "logs.json").is_file():
+                state.logs = read_json(existing / "logs.json", "run logs")
+        else:
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            run_dir = self.runs_dir / f"run_{stamp}"
+            n = 1
+            while run_dir.exists():
+                n += 1
+                run_dir = self.runs_dir / f"run_{stamp}-{n}"
+            (run_dir / "checkpoints").mkdir(parents=True)
+            (run_dir / "figures").mkdir()
+            state = RunState(run_dir, {"experiment": self.experiment, "spec_hash": spec_hash,
+                                       "item_ids": list(item_ids), **config})
+            atomic_write_json(run_dir / "config.json", state.config)
+        self.run = state
+        self._write_metadata(metadata or {})
+        self._write_run_files()
+        return state
+
+    def _write_metadata(self, extra: Mapping[str, Any]) -> None:
+        path = self.experiment_dir / "metadata.json"
+        meta = json.loads(path.read_text()) if path.is_file() else {}
+        runs = sorted(p.name for p in self.runs_dir.glob("run_*")) if self.runs_dir.is_dir() else []
+        meta.update({"experiment": self.experiment, **extra, "runs": runs, "latest_run": self.run_dir.name,
+                     "environment": _environment()})
+        atomic_write_json(path, meta)
+
+    def is_finished(self, item_id: str) -> bool:
+        return self.run is not None and item_id in self.run.results
+
+    def finished(self) -> dict[str, dict[str, Any]]:
+        return dict(self.run.results) if self.run else {}
+
+    def record(self, item_id: str, record: Mapping[str, Any], logs: Any = None) -> None:
+        """Store a finished item (logs first, the record last: the record marks it finished)."""
+        state = self.run
+        if state is None:
+            raise RuntimeError("no run started; call start_run() first")
+        state.failures.pop(item_id, None)
+        if logs is not None:
+            state.logs[item_id] = logs
+            atomic_write_json(state.run_dir / "logs.json", state.logs)
+        state.results[item_id] = dict(record)
+        self._write_run_files()
+
+    def record_failure(self, item_id: str, stage: str, error: str) -> None:
+        if self.run is None:
+            raise RuntimeError("no run started; call start_run() first")
+        self.run.failures[item_id] = {"stage": stage, "error": error}
+        self._write_run_files()
+
+    def _ordered(self) -> list[dict[str, Any]]:
+        state = self.run
+        assert state is not None
+        order = {i: n for n, i in enumerate(state.config.get("item_ids", []))}
+        return [state.results[i] for i in sorted(state.results, key=lambda i: (order.get(i, len(order)), i))]
+
+    def _write_run_files(self) -> None:
+        state = self.run
+        assert state is not None
+        records = self._ordered()
+        atomic_write_json(state.run_dir / "results.json", {r["id"]: r for r in records})
+        time_cols = sorted({f"time_{k}_s" for r in records for k in r.get("timings", {})})
+        metric_cols = [*RECORD_COLUMNS, *time_cols]
+        rows = [{**r, **{f"time_{k}_s": v for k, v in r.get("timings", {}).items()}} for r in records]
+        atomic_write_text(state.run_dir / "metrics.csv", _csv_text(rows, metric_cols))
+        n_items = len(state.config.get("item_ids", []))
+        status = "complete" if n_items and all(i in state.results for i in state.config["item_ids"]) else (
+            "failed" if state.failures else "partial")
+        atomic_write_json(state.run_dir / "summary.json", {
+            "experiment": self.experiment, "run": state.run_dir.name, "spec_hash": state.config.get("spec_hash"),
+            "status": status, "n_items": n_items, "n_finished": len(records), "n_failed": len(state.failures),
+            "finished": [r["id"] for r in records], "failed": state.failures,
+            "updated": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        })
+
+    # aggregation
+    def aggregate(self) -> dict[str, Any]:
+        """Rebuild ``aggregated/`` and ``analysis/`` from the run's ``results.json`` (deterministic)."""
+        records = self._ordered()
+        stat_rows = aggregate_statistics(records)
+        comparisons = compare_to_baseline(records)
+        pareto = pareto_by_sparsity(stat_rows)
+        atomic_write_text(self.aggregated_dir / "summary.csv", _csv_text(_summary_rows(stat_rows), SUMMARY_COLUMNS))
+        atomic_write_json(self.aggregated_dir / "pareto.json", pareto)
+        atomic_write_text(self.aggregated_dir / "latex_tables" / "ppl.tex", latex_ppl_table(
+            stat_rows, caption=f"{self.experiment}: perplexity (mean $\\pm$ std over seeds) and damage recovered."))
+        atomic_write_json(self.analysis_dir / "statistics.json", {
+            "confidence": CONFIDENCE, "method": "Student-t interval over seeds (std with ddof=1; "
+            "null when only one seed)", "rows": stat_rows})
+        atomic_write_json(self.analysis_dir / "comparisons.json", {
+            "baseline": BASELINE, "method": "paired by seed (PPL differences) and by eval block (NLL differences "
+            "averaged over seeds; one-sample t-test against 0); negative = lower perplexity than the baseline",
+            "comparisons": comparisons})
+        return {"statistics": stat_rows, "comparisons": comparisons, "pareto": pareto}
+
+
+# --- reading results back (reports) -------------------------------------------------------------------
+
+REQUIRED_FILES = ("metadata.json", "aggregated/summary.csv", "aggregated/pareto.json",
+                  "analysis/statistics.json", "analysis/comparisons.json")
+
+
+@dataclass
+class Results:
+    """A finished experiment directory, loaded for reports (no model, nothing heavy)."""
+
+    experiment_dir: Path
+    metadata: dict[str, Any]
+    run_dir: Path
+    config: dict[str, Any]
+    records: list[dict[str, Any]]
+    logs: dict[str, Any]
+    statistics: dict[str, Any]
+    comparisons: dict[str, Any]
+    pareto: dict[str, Any]
+
+    @property
+    def name(self) -> str:
+        return self.metadata.get("experiment", self.experiment_dir.name)
+
+    def summary_frame(self):
+        import pandas as pd
+
+        return pd.read_csv(self.experiment_dir / "aggregated" / "summary.csv")
+
+    def records_frame(self):
+        import pandas as pd
+
+        return pd.DataFrame([{k: r.get(k) for k in RECORD_COLUMNS} for r in self.records])
+
+
+def find_experiment_dirs(path: str | os.PathLike) -> list[Path]:
+    """``path`` itself if it is an experiment directory, else its sub-directories that are."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ConfigError(f"{path}: results directory not found; pass <output-dir>/<experiment> as written by 'spon run'")
+    if (path / "metadata.json").is_file() or (path / "runs").is_dir():
+        return [path]
+    found = sorted(p for p in path.iterdir() if p.is_dir() and (p / "metadata.json").is_file())
+    if not found:
+        raise ConfigError(f"{path}: missing 'metadata.json' (not an experiment results directory, and no "
+                          "sub-directory is one); pass <output-dir>/<experiment>")
+    return found
+
+
+def load_results(experiment_dir: str | os.PathLike) -> Results:
+    """Load an experiment directory; a missing file is a one-line error naming it."""
+    d = Path(experiment_dir)
+    for rel in REQUIRED_FILES:
+        if not (d / rel).is_file():
+            raise ConfigError(f"{d / rel}: missing file '{rel}' of the results layout; re-run 'spon run' on the "
+                              "experiment to write it")
+    metadata = read_json(d / "metadata.json", "metadata")
+    latest = metadata.get("latest_run")
+    if not latest:
+        raise ConfigError(f"{d / 'metadata.json'}: key 'latest_run' is missing; re-run 'spon run'")
+    run_dir = d / "runs" / latest
+    for rel in ("config.json", "results.json", "logs.json"):
+        if not (run_dir / rel).is_file() and rel != "logs.json":
+            raise ConfigError(f"{run_dir / rel}: missing file '{rel}' of run '{latest}' (named by key "
+                              "'latest_run' in metadata.json)")
+    results = read_json(run_dir / "results.json", "run results")
+    logs = read_json(run_dir / "logs.json", "run logs") if (run_dir / "logs.json").is_file() else {}
+    return Results(
+        experiment_dir=d, metadata=metadata, run_dir=run_dir, config=read_json(run_dir / "config.json"),
+        records=list(results.values()), logs=logs,
+        statistics=read_json(d / "analysis" / "statistics.json"),
+        comparisons=read_json(d / "analysis" / "comparisons.json"),
+        pareto=read_json(d / "aggregated" / "pareto.json"),
+    )
