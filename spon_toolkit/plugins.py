@@ -1,8 +1,8 @@
 """Plugin manager factory and the typed :class:`Toolkit` facade over it.
 
-Load order (first registered is called first by pluggy's LIFO ordering only for hooks; catalogue order
-follows it): the local plugins directory, then entry points of group ``spon_toolkit``, then the
-built-ins, then ``check_pending()``.
+Load order: the local plugins directory, then entry points of group ``spon_toolkit``, then the
+built-ins, then ``check_pending()``. Catalogues list registrations in that order, so a duplicate-name
+error names the earlier plugin first.
 
 Environment:
 

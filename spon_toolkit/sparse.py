@@ -71,12 +71,14 @@ class SparsifierHooks(HookGroup):
         self._memo: dict[Callable, tuple[torch.Tensor, int, torch.Tensor]] = {}
 
     def _sparsify(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        # Inference-mode tensors have no version counter (and cannot be changed in place outside it).
+        version = -1 if x.is_inference() else x._version
         hit = self._memo.get(fn)
-        if hit is not None and hit[0] is x and hit[1] == x._version:
+        if hit is not None and hit[0] is x and hit[1] == version:
             return hit[2]
         out = fn(x)
         # A strong reference to x keeps its storage alive, so "is" cannot match a recycled tensor.
-        self._memo[fn] = (x, x._version, out)
+        self._memo[fn] = (x, version, out)
         return out
 
     def make_hook(self, site: str, fn: Callable[[torch.Tensor], torch.Tensor]):
@@ -479,7 +481,7 @@ def register_sparsification_hooks(
     sites = sitemap.resolve(modules)
     hooks = attach_sparsifier(model, MagnitudeSparsifier(sparsity), sites, sitemap=sitemap)
     out: dict[str, dict[str, Any]] = {}
-    for site, handle in zip(sites, hooks.handles):
+    for site, handle in zip(sites, hooks.handles, strict=False):
         entry: dict[str, Any] = {"handle": handle, "group": hooks}
         layer, module = parse_site(site)
         bias = _seed_bias_for(spon_biases or {}, layer, module)

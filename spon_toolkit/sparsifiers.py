@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping
-from functools import lru_cache
+from functools import cache
 from numbers import Real
 from typing import Any
 
@@ -100,7 +100,7 @@ def calibrated_threshold(sorted_abs: torch.Tensor, sparsity: float) -> float:
     return lo + (hi - lo) / 2
 
 
-@lru_cache(maxsize=None)
+@cache
 def _magnitude_fn(sparsity: float) -> Callable[[torch.Tensor], torch.Tensor]:
     # One function object per sparsity level, so sites that share an input (q/k/v, gate/up) and a
     # sparsity share the engine's per-input cache.
