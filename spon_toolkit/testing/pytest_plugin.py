@@ -7,6 +7,14 @@ from __future__ import annotations
 
 import pytest
 
+# Fixtures for plugin authors (spon_make_toolkit, spon_make_context, spon_allocation_context, spon_allocate).
+from spon_toolkit.testing.fixtures import (  # noqa: F401
+    spon_allocate,
+    spon_allocation_context,
+    spon_make_context,
+    spon_make_toolkit,
+)
+
 
 @pytest.fixture
 def spon_tiny_model():
@@ -24,3 +32,90 @@ def spon_toolkit_fresh(tmp_path):
     empty = tmp_path / "spon_plugins_empty"
     empty.mkdir()
     return Toolkit(plugins_dir=empty, load_entrypoints=False)
+
+
+# --- experiment files: `pytest experiments/` collects exp_*.yaml --------------------------------------
+# Each (sparsity, allocation, seed) of a file is one test item that runs through the same
+# ExperimentRunner as `spon run`; items of one file share a runner (model, data, calibration, baselines).
+
+def pytest_addoption(parser):
+    group = parser.getgroup("spon", "spon-toolkit experiments (exp_*.yaml)")
+    group.addoption("--spon-output-dir", default="results", metavar="DIR",
+                    help="results directory for collected experiments (default: results/)")
+    group.addoption("--spon-report", action="store_true",
+                    help="after the session, build the executed notebook report of each experiment that asks for one")
+    group.addoption("--spon-reports-dir", default="reports", metavar="DIR", help="where reports go (default: reports/)")
+    group.addoption("--spon-fresh", action="store_true", help="start new runs instead of resuming finished items")
+
+
+_RUNNERS = pytest.StashKey[dict]()
+
+
+def pytest_collect_file(file_path, parent):
+    if file_path.suffix in (".yaml", ".yml") and file_path.name.startswith("exp_"):
+        return ExperimentFile.from_parent(parent, path=file_path)
+    return None
+
+
+class ExperimentFile(pytest.File):
+    """An experiment YAML file; a spec error is a collection error naming file and key."""
+
+    def collect(self):
+        from spon_toolkit.errors import SponError
+        from spon_toolkit.experiment import load_experiment
+        from spon_toolkit.plugins import default_toolkit
+
+        try:
+            experiment = load_experiment(self.path, default_toolkit())
+        except SponError as exc:
+            raise self.CollectError(str(exc)) from None
+        for item in experiment.items():
+            yield ExperimentItem.from_parent(self, name=item.name, spec_item=item)
+
+
+class ExperimentItem(pytest.Item):
+    def __init__(self, *, spec_item, **kwargs):
+        super().__init__(**kwargs)
+        self.spec_item = spec_item
+
+    def _runner(self):
+        from spon_toolkit.plugins import default_toolkit
+        from spon_toolkit.runner import ExperimentRunner
+
+        runners = self.config.stash.setdefault(_RUNNERS, {})
+        key = str(self.path)
+        if key not in runners:
+            opt = self.config.getoption
+            runners[key] = ExperimentRunner(self.spec_item.experiment, toolkit=default_toolkit(),
+                                            output_dir=opt("spon_output_dir"), resume=not opt("spon_fresh"))
+        return runners[key]
+
+    def runtest(self):
+        outcome = self._runner().run_item(self.spec_item)
+        for ok, msg in outcome.checks:
+            self.add_report_section("call", "expectations", f"{'ok' if ok else 'FAILED'}: {msg}")
+
+    def repr_failure(self, excinfo, style=None):
+        from spon_toolkit.runner import ExpectationFailed, StageError
+
+        exc = excinfo.value
+        if isinstance(exc, ExpectationFailed):
+            return "\n".join([f"{exc.item_id}: stage 'expectations' failed", *(f"  {m}" for m in exc.failures)])
+        if isinstance(exc, StageError):
+            return f"{exc.item_id}: stage '{exc.stage}' failed\n  {exc.cause.__class__.__name__}: {exc.cause}"
+        return super().repr_failure(excinfo, style=style)
+
+    def reportinfo(self):
+        return self.path, None, f"{self.path.name}::{self.name}"
+
+
+def pytest_sessionfinish(session, exitstatus):
+    runners = session.config.stash.get(_RUNNERS, {})
+    for runner in runners.values():
+        if runner.started:
+            runner.finish()
+            if session.config.getoption("spon_report") and runner.experiment.spec.report:
+                from spon_toolkit.report import write_report
+
+                write_report(runner.manager.experiment_dir, session.config.getoption("spon_reports_dir"),
+                             runner.toolkit)

@@ -1,0 +1,128 @@
+"""Executed notebook reports built from a results directory.
+
+The notebook is assembled with nbformat from *report-section plugins* (hook
+``spon_register_report_sections``: ``register(name, build, order=...)`` with ``build(results)`` returning
+a list of cells). Its first code cells follow papermill's convention: a cell tagged ``parameters`` with
+the default ``results_dir`` and, right after it, a cell tagged ``injected-parameters`` holding the actual
+path, so ``papermill report.ipynb out.ipynb -p results_dir OTHER`` re-runs it elsewhere. Cell ids are
+derived from section names (not random), so rebuilding a report gives the same notebook.
+
+The notebook is executed with nbclient, written to ``<reports_dir>/<experiment>.ipynb`` and exported to
+HTML with nbconvert. Cells only read saved results (see :mod:`spon_toolkit.report.views`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from ..errors import SponError
+from ..results import Results, atomic_write_text, check_output_dir, load_results
+
+KERNEL = "python3"
+
+
+def md(text: str) -> dict:
+    import nbformat
+
+    return nbformat.v4.new_markdown_cell(text.strip())
+
+
+def code(source: str, tags: list[str] | None = None) -> dict:
+    import nbformat
+
+    cell = nbformat.v4.new_code_cell(source.strip())
+    if tags:
+        cell.metadata["tags"] = list(tags)
+    return cell
+
+
+def _cell_id(base: str, used: set[str]) -> str:
+    base = re.sub(r"[^A-Za-z0-9_-]+", "-", base).strip("-")[:56] or "cell"
+    cid, n = base, 1
+    while cid in used:
+        n += 1
+        cid = f"{base}-{n}"
+    used.add(cid)
+    return cid
+
+
+def build_notebook(results: Results, toolkit) -> Any:
+    """Assemble (not execute) the report notebook for ``results`` from the registered sections."""
+    import nbformat
+
+    nb = nbformat.v4.new_notebook()
+    nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
+    nb.metadata["language_info"] = {"name": "python"}
+    path = str(results.experiment_dir.resolve())
+    named: list[tuple[str, dict]] = [
+        ("title", md(f"# SPON experiment report: `{results.name}`\n\n"
+                     f"Built from the results directory `{path}` (run `{results.run_dir.name}`). Every number "
+                     "below was computed by `spon run` and read back from that directory; the cells only "
+                     "draw tables and figures. Rebuild with `spon report RESULTS_DIR`.")),
+        ("parameters", code("results_dir = None  # path of <output-dir>/<experiment>", tags=["parameters"])),
+        ("injected-parameters", code(f"results_dir = {path!r}", tags=["injected-parameters"])),
+        ("setup", code("from IPython.display import Markdown, display\n"
+                       "from spon_toolkit.report import views\n\n"
+                       "R = views.load(results_dir)")),
+    ]
+    entries = sorted(toolkit.report_sections, key=lambda e: (e.meta.get("order", 100), e.name))
+    for entry in entries:
+        try:
+            cells = list(entry.factory(results) or [])
+        except Exception as exc:
+            raise SponError(f"report section '{entry.name}' (plugin '{entry.plugin}') failed to build: "
+                            f"{type(exc).__name__}: {exc}") from exc
+        named += [(f"{entry.name}-{i}", cell) for i, cell in enumerate(cells)]
+    used: set[str] = set()
+    for name, cell in named:
+        cell["id"] = _cell_id(name, used)
+        nb.cells.append(cell)
+    nbformat.validate(nb)
+    return nb
+
+
+def execute_notebook(nb, cwd: str | Path, timeout: int = 600) -> list[str]:
+    """Run every cell in a fresh kernel; returns the ids of cells that raised (their errors stay visible)."""
+    import tempfile
+
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    # A local kernel over IPC sockets (in a private temporary directory) instead of TCP on localhost.
+    with tempfile.TemporaryDirectory(prefix="spon-kernel-") as sockets:
+        km = KernelManager(kernel_name=KERNEL, transport="ipc", ip=str(Path(sockets) / "kernel"))
+        client = NotebookClient(nb, km=km, timeout=timeout, kernel_name=KERNEL, allow_errors=True,
+                                resources={"metadata": {"path": str(cwd)}})
+        client.execute()
+    return [c.get("id", "?") for c in nb.cells if c.cell_type == "code"
+            and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
+
+
+def export_html(nb) -> str:
+    from nbconvert import HTMLExporter
+
+    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    return body
+
+
+def write_report(results_dir: str | Path, reports_dir: str | Path, toolkit, *, execute: bool = True) -> dict:
+    """Build, execute and write ``<reports_dir>/<experiment>.{ipynb,html}``; returns their paths.
+
+    A cell that raises is kept in the notebook (with its traceback) and reported as a :class:`SponError`
+    after both files are written, so the failing cell can be inspected.
+    """
+    import nbformat
+
+    results = load_results(results_dir)
+    out = check_output_dir(reports_dir, key="--reports-dir")
+    nb = build_notebook(results, toolkit)
+    errors = execute_notebook(nb, cwd=out) if execute else []
+    ipynb = out / f"{results.name}.ipynb"
+    html = out / f"{results.name}.html"
+    atomic_write_text(ipynb, nbformat.writes(nb))
+    atomic_write_text(html, export_html(nb))
+    if errors:
+        raise SponError(f"{ipynb}: report cells {', '.join(errors)} raised errors (see the notebook)")
+    return {"ipynb": ipynb, "html": html, "cells": len(nb.cells)}

@@ -1,0 +1,464 @@
+"""Running experiment items: load -> calibrate -> allocate -> train -> evaluate -> analyze.
+
+One :class:`ExperimentRunner` serves all items of one experiment file, so what items have in common is
+computed once: the model and the token blocks are loaded once, the dense perplexity once, the sparsifier
+calibration once per sparsity, the TEAL perplexity (sparsified, no biases) once per (sparsity, sparsified
+sites) and layer-importance scores once per (sparsity, method). Each item then allocates its biased
+sites, trains them (seeded with the item's seed), evaluates, runs the analyzers, checks the expectations
+that belong to it and records itself in the results directory (see :mod:`spon_toolkit.results`).
+
+A failure inside a stage becomes a :class:`StageError` that names the item and the stage; an expectation
+that does not hold is an :class:`ExpectationFailed`. ``spon run`` and the pytest plugin both go through
+:meth:`ExperimentRunner.run_item`, so they run the same code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, SponError
+from .experiment import Experiment, Item, keyword_matcher, load_experiment
+from .results import ExperimentManager
+
+STAGES = ("load", "calibrate", "allocate", "train", "evaluate", "analyze", "expectations")
+
+
+class StageError(SponError):
+    """A stage of an item failed; ``stage`` is one of :data:`STAGES`."""
+
+    def __init__(self, item_id: str, stage: str, cause: BaseException | str):
+        self.item_id, self.stage, self.cause = item_id, stage, cause
+        text = cause if isinstance(cause, str) else f"{type(cause).__name__}: {cause}"
+        if isinstance(cause, SponError):
+            text = str(cause)
+        super().__init__(f"{item_id}: stage '{stage}' failed: {text}")
+
+
+class ExpectationFailed(StageError):
+    """An expectation of the spec did not hold (the item's numbers are still recorded)."""
+
+    def __init__(self, item_id: str, failures: list[str]):
+        self.failures = failures
+        self.outcome: ItemOutcome | None = None
+        super().__init__(item_id, "expectations", "; ".join(failures))
+
+
+@dataclass
+class ItemOutcome:
+    """What running (or resuming) one item gave."""
+
+    item: Item
+    record: dict[str, Any]
+    reused: bool = False
+    checks: list[tuple[bool, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def passed(self) -> bool:
+        return all(ok for ok, _ in self.checks)
+
+
+def item_slug(item: Item) -> str:
+    """A file-name-safe form of the item's name: ``TOP-50_s0.5_seed0``."""
+    return re.sub(r"[^A-Za-z0-9_.+-]", "_", f"{item.config}_s{item.sparsity:g}_seed{item.seed}")
+
+
+@dataclass
+class ExperimentData:
+    """The token blocks of one experiment (see :mod:`spon_toolkit.data`); training never sees eval text."""
+
+    calibration: Any
+    train: Any
+    validation: Any
+    eval: Any
+
+    def protocol(self, split: str) -> dict[str, Any]:
+        blocks = getattr(self, split)
+        return {} if blocks is None else blocks.protocol()
+
+
+@dataclass
+class EvalResult:
+    """Perplexity of one model state with its per-block NLLs and the protocol."""
+
+    ppl: float
+    block_nll: list[float]
+    protocol: dict[str, Any]
+    achieved_sparsity: float | None = None
+
+
+class ExperimentRunner:
+    """Runs the items of one experiment, sharing the model, data, calibration and baselines between them.
+
+    ``output_dir``: where ``<experiment>/...`` results go. ``resume``: continue the latest run of the same
+    spec and skip its finished items. ``progress``: tqdm bars of the stages (``None``: only on a terminal).
+    """
+
+    def __init__(self, experiment: Experiment, *, toolkit, output_dir: str | Path = "results",
+                 resume: bool = True, progress: bool | None = None):
+        self.experiment = experiment
+        self.toolkit = toolkit
+        self.progress = progress
+        self.manager = ExperimentManager(output_dir, experiment.name)
+        self.resume = resume
+        self.started = False
+        self._model = self._tokenizer = self._data = None
+        self._sitemap = None
+        self._dense: EvalResult | None = None
+        self._sparsifiers: dict[float, Any] = {}
+        self._teal: dict[tuple[float, tuple[str, ...]], EvalResult] = {}
+        self._importance: dict[tuple[float, str], Any] = {}
+        self._records: dict[str, dict[str, Any]] = {}
+        self.timings: dict[str, float] = {}
+
+    @classmethod
+    def from_path(cls, path: str | Path, *, toolkit, **kwargs: Any) -> ExperimentRunner:
+        return cls(load_experiment(path, toolkit), toolkit=toolkit, **kwargs)
+
+    # --- bookkeeping -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Open (or resume) the run directory; idempotent."""
+        if self.started:
+            return
+        exp = self.experiment
+        self.manager.start_run(
+            exp.spec_hash, {"spec_file": str(exp.path), "spec": exp.spec.model_dump(mode="json")},
+            [it.id for it in exp.items()], resume=self.resume,
+            metadata={"spec_file": str(exp.path), "spec_hash": exp.spec_hash, "description": exp.spec.description},
+        )
+        self._records = self.manager.finished()
+        self.started = True
+
+    def is_finished(self, item: Item) -> bool:
+        self.start()
+        rec = self._records.get(item.id)
+        return rec is not None and rec.get("item_hash") == item.item_hash
+
+    @contextlib.contextmanager
+    def _stage(self, item_id: str, stage: str, timings: dict[str, float]) -> Iterator[None]:
+        t0 = time.perf_counter()
+        try:
+            yield
+        except StageError:
+            raise
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:
+            raise StageError(item_id, stage, exc) from exc
+        finally:
+            timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
+
+    # --- shared, computed once ---------------------------------------------------------------------
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        from .models import load_model
+        from .sites import SiteMap
+
+        spec = self.experiment.spec
+        name = spec.model.loader if spec.model.path is None else f"{spec.model.loader}:{spec.model.path}"
+        model, tokenizer = load_model(name, dtype=spec.model.dtype, toolkit=self.toolkit, **spec.model.options)
+        sitemap = SiteMap(model)
+        sitemap.resolve(spec.sites)  # a bad site spec fails in the load stage, naming the spec's key below
+        from .models import context_length
+
+        self._data = self._load_data(tokenizer, context_length(model))
+        self._model, self._tokenizer, self._sitemap = model, tokenizer, sitemap
+
+    def _load_data(self, tokenizer, max_length: int | None) -> ExperimentData:
+        from .data import load_blocks
+
+        d = self.experiment.spec.data
+        opts = dict(d.options)
+
+        def blocks(split: str, n: int, seed: int):
+            source = getattr(d, f"{split}_source") or d.source
+            return load_blocks(tokenizer, source, split, d.block_size, max_length=max_length, **opts).sample(n, seed)
+
+        calibration = blocks("calibration", d.calibration_blocks, 0)
+        train = blocks("calibration", d.train_blocks, 1) if d.train_blocks else calibration
+        validation = blocks("validation", d.validation_blocks, 0) if d.validation_blocks else None
+        evaluation = blocks("eval", d.eval_blocks, 0)
+        if evaluation.text_sha256 == calibration.text_sha256:
+            raise ConfigError(
+                f"{self.experiment.path}: key 'data': the calibration and eval text are the same "
+                f"({evaluation.source}); give distinct texts with data.calibration_source / data.eval_source")
+        return ExperimentData(calibration, train, validation, evaluation)
+
+    def _batches(self, blocks) -> list:
+        """Token blocks [N, T] as batches of ``data.batch_size`` rows."""
+        return list(blocks.batches(self.experiment.spec.data.batch_size))
+
+    def _evaluate(self, sparsifier=None, sites: Sequence[str] = (), biases=None, desc: str = "") -> EvalResult:
+        from .evaluate import evaluate_perplexity
+
+        r = evaluate_perplexity(self._model, self._data.eval, sparsifier=sparsifier, sites=list(sites) or None,
+                                biases=biases, batch_size=self.experiment.spec.data.batch_size,
+                                progress=self.progress, sitemap=self._sitemap, desc=desc or None)
+        return EvalResult(float(r.perplexity), [float(x) for x in r.block_nlls], dict(r.protocol),
+                          r.overall_sparsity)
+
+    def dense(self) -> EvalResult:
+        if self._dense is None:
+            self._dense = self._evaluate(desc="dense")
+        return self._dense
+
+    def sparsifier(self, sparsity: float):
+        """The experiment's sparsifier at ``sparsity``, calibrated once on the calibration blocks."""
+        if sparsity not in self._sparsifiers:
+            spec = self.experiment.spec
+            sp = self.toolkit.sparsifiers.get(spec.sparsifier.name)(sparsity, **spec.sparsifier.options)
+            sp.calibrate(self._model, self._sitemap.resolve(spec.sites), self._batches(self._data.calibration),
+                         sitemap=self._sitemap)
+            self._sparsifiers[sparsity] = sp
+        return self._sparsifiers[sparsity]
+
+    def teal(self, sparsity: float, sparse_sites: Sequence[str]) -> EvalResult:
+        """Perplexity with ``sparse_sites`` sparsified and no biases (the TEAL baseline of those sites)."""
+        key = (sparsity, tuple(sparse_sites))
+        if key not in self._teal:
+            self._teal[key] = self._evaluate(self.sparsifier(sparsity), sparse_sites, desc=f"TEAL s={sparsity:g}")
+        return self._teal[key]
+
+    def importance(self, sparsity: float, method: str) -> dict[str, float]:
+        """Layer-importance scores of ``method`` (cached on disk by :func:`compute_importance` too)."""
+        from .importance import compute_importance
+
+        key = (sparsity, method)
+        if key not in self._importance:
+            spec = self.experiment.spec
+            result = compute_importance(method, self._model, self._batches(self._data.calibration),
+                                        self.sparsifier(sparsity), spec.sites, toolkit=self.toolkit,
+                                        **spec.importance.get(method, {}))
+            self._importance[key] = result.scores
+        return self._importance[key]
+
+    # --- one item ----------------------------------------------------------------------------------
+    def run_item(self, item: Item, *, check: bool = True) -> ItemOutcome:
+        """Run ``item`` (or reuse its finished record) and check its expectations.
+
+        Raises :class:`StageError` when a stage fails and :class:`ExpectationFailed` when an expectation
+        does not hold (after recording the item).
+        """
+        self.start()
+        t0 = time.perf_counter()
+        if self.is_finished(item):
+            outcome = ItemOutcome(item, self._records[item.id], reused=True)
+        else:
+            try:
+                record, logs = self._compute(item)
+            except StageError as exc:
+                self.manager.record_failure(item.id, exc.stage, str(exc))
+                raise
+            self.manager.record(item.id, record, logs=logs)
+            self._records[item.id] = record
+            outcome = ItemOutcome(item, record)
+        outcome.seconds = time.perf_counter() - t0
+        if check and item.expectations:
+            outcome.checks = self.check_expectations(item)
+            failed = [msg for ok, msg in outcome.checks if not ok]
+            if failed:
+                exc = ExpectationFailed(item.id, failed)
+                exc.outcome = outcome
+                raise exc
+        return outcome
+
+    def _compute(self, item: Item) -> tuple[dict[str, Any], dict[str, Any]]:
+        import torch
+
+        from .allocation import AllocationContext, allocate
+        from .sparse import SparseModel, SponBiases
+
+        spec = self.experiment.spec
+        timings: dict[str, float] = {}
+        with self._stage(item.id, "load", timings):
+            self._load()
+        model, sitemap = self._model, self._sitemap
+        with self._stage(item.id, "calibrate", timings):
+            sparsifier = self.sparsifier(item.sparsity)
+        with self._stage(item.id, "allocate", timings):
+            entry = self.toolkit.allocations.entry(item.allocation.name)
+            importance = {}
+            required = entry.meta.get("requires")
+            if required and not any(k in item.allocation.options for k in ("layers",)):
+                importance[required] = self.importance(item.sparsity, required)
+            ctx = AllocationContext.from_model(model, spec.sites, importance=importance, sitemap=sitemap)
+            plan = allocate(self.toolkit, item.allocation.name, ctx, **item.allocation.options)
+        with self._stage(item.id, "evaluate", timings):
+            dense = self.dense()
+            teal = self.teal(item.sparsity, plan.sparse_sites)
+
+        train_info: dict[str, Any] = {}
+        history: list[dict[str, float]] = []
+        biases = None
+        sm = None
+        try:
+            if plan.biased_sites:
+                with self._stage(item.id, "train", timings):
+                    biases = SponBiases(model, list(plan.biased_sites), sitemap=sitemap)
+                    sm = SparseModel(model, sparsifier, list(plan.sparse_sites), biases=biases, sitemap=sitemap)
+                    options = {"progress": bool(self.progress) if self.progress is not None else True,
+                               **spec.trainer.options, "seed": item.seed}
+                    trainer = self.toolkit.trainers.get(spec.trainer.name)(**options)
+                    torch.manual_seed(item.seed)
+                    result = trainer.train(sm, self._batches(self._data.train),
+                                           calibration_batches=self._batches(self._data.calibration))
+                    history = [{k: float(v) for k, v in m.items()} for m in result.metrics]
+                    train_info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
+                                  "mean_loss": result.mean_loss, "objective": result.objective,
+                                  "seconds": result.seconds, "options": result.options}
+                    sm.detach()  # the evaluation attaches its own hooks
+                with self._stage(item.id, "evaluate", timings):
+                    spon = self._evaluate(sparsifier, plan.sparse_sites, biases, desc=f"{item.config} s={item.sparsity:g}")
+                with self._stage(item.id, "train", timings):
+                    from .checkpoint import save_checkpoint
+
+                    ckpt = save_checkpoint(
+                        self.manager.checkpoint_path(item_slug(item)), biases, model=model, sparsifier=sparsifier,
+                        sparse_sites=plan.sparse_sites,
+                        training={"trainer": spec.trainer.name, **train_info},
+                        data=self._data.protocol("train"),
+                        metrics={"ppl": spon.ppl, "dense_ppl": dense.ppl, "sparse_ppl": teal.ppl},
+                        extra={"item": item.id, "allocation": plan.as_dict()})
+            else:
+                spon = teal
+                ckpt = None
+
+            record = self._record(item, plan, dense, teal, spon, train_info, ckpt, timings)
+            with self._stage(item.id, "analyze", timings):
+                record["analyses"] = self._analyze(item, record, sparsifier, plan, biases)
+        finally:
+            if sm is not None:
+                sm.detach()
+        record["timings"] = {k: round(v, 3) for k, v in timings.items()}
+        return record, {"train_history": history, "timings": record["timings"]}
+
+    def _record(self, item, plan, dense, teal, spon, train_info, ckpt, timings) -> dict[str, Any]:
+        gap = teal.ppl - dense.ppl
+        recovered = (teal.ppl - spon.ppl) / gap if gap > 0 else math.nan
+        return {
+            "id": item.id, "item_hash": item.item_hash, "config": item.config, "allocation": item.allocation.name,
+            "allocation_options": dict(item.allocation.options), "sparsity": item.sparsity, "seed": item.seed,
+            "dense_ppl": dense.ppl, "sparse_ppl": teal.ppl, "ppl": spon.ppl, "damage_recovered": recovered,
+            "spon_params": plan.n_params, "n_biased_sites": len(plan.biased_sites),
+            "n_sparse_sites": len(plan.sparse_sites), "achieved_sparsity": spon.achieved_sparsity,
+            "train_steps": train_info.get("steps", 0), "train_final_loss": train_info.get("final_loss"),
+            "plan": plan.as_dict(), "train": train_info,
+            "block_nll": {"dense": dense.block_nll, "sparse": teal.block_nll, "spon": spon.block_nll},
+            "protocol": spon.protocol,
+            "checkpoint": None if ckpt is None else str(Path(ckpt).relative_to(self.manager.run_dir)),
+        }
+
+    def _analyze(self, item: Item, record: dict[str, Any], sparsifier, plan, biases) -> dict[str, Any]:
+        out = {}
+        for spec in self.experiment.spec.analyzers:
+            run = AnalysisRun(item=item, record=record, model=self._model, tokenizer=self._tokenizer,
+                              sparsifier=sparsifier, plan=plan, biases=biases, data=self._data,
+                              run_dir=self.manager.run_dir,
+                              figures_dir=self.manager.run_dir / "figures")
+            out[spec.name] = self.toolkit.analyzers.get(spec.name)(run, **spec.options)
+        return out
+
+    # --- expectations ------------------------------------------------------------------------------
+    def metrics(self, config: str, sparsity: float, seed: int) -> dict[str, float]:
+        """The metrics of one item, running it first if needed (expectations compare items)."""
+        other = self.experiment.item(config, sparsity, seed)
+        record = self._records.get(other.id) if self.is_finished(other) else None
+        if record is None:
+            record = self.run_item(other, check=False).record
+        return {"ppl": record["ppl"], "dense_ppl": record["dense_ppl"], "sparse_ppl": record["sparse_ppl"],
+                "damage_recovered": record["damage_recovered"], "spon_params": record["spon_params"],
+                "achieved_sparsity": record.get("achieved_sparsity")}
+
+    def check_expectations(self, item: Item) -> list[tuple[bool, str]]:
+        checks = []
+        for exp in item.expectations:
+            try:
+                values = {c: self.metrics(c, item.sparsity, item.seed) for c in exp.configs()}
+            except StageError as exc:
+                checks.append((False, f"{exp.text}: cannot compare, {exc}"))
+                continue
+            ok, msg = exp.check(values)
+            checks.append((ok, f"[s={item.sparsity:g},seed={item.seed}] {msg}"))
+        return checks
+
+    def finish(self) -> dict[str, Any]:
+        """Rebuild the aggregated files and analysis from everything this run has finished."""
+        self.start()
+        return self.manager.aggregate()
+
+
+@dataclass
+class AnalysisRun:
+    """What an analyzer plugin receives for one item (``analyze(run, **options)``).
+
+    ``record`` holds the item's numbers; ``model`` is the dense model with no hooks attached; rebuild the
+    sparse model with ``SparseModel(run.model, run.sparsifier, run.plan.sparse_sites, biases=run.biases)``.
+    Figures go to ``figures_dir``; the returned dict must be JSON-serialisable.
+    """
+
+    item: Item
+    record: dict[str, Any]
+    model: Any
+    tokenizer: Any
+    sparsifier: Any
+    plan: Any
+    biases: Any  # SponBiases (detached) or None for items without biases
+    data: Any
+    run_dir: Path
+    figures_dir: Path
+
+
+# --- the whole job (shared by `spon run`) ---------------------------------------------------------
+
+@dataclass
+class SweepResult:
+    experiment: Experiment
+    runner: ExperimentRunner
+    outcomes: list[ItemOutcome] = field(default_factory=list)
+    errors: list[StageError] = field(default_factory=list)
+    report: dict[str, Any] | None = None
+
+
+def select_items(experiment: Experiment, keyword: str | None) -> list[Item]:
+    match = keyword_matcher(keyword)
+    return [it for it in experiment.items() if match(it.id)]
+
+
+def run_experiment(experiment: Experiment, *, toolkit, output_dir: str | Path = "results", keyword: str | None = None,
+                   resume: bool = True, progress: bool | None = None,
+                   on_item: Callable[[Item, ItemOutcome | None, StageError | None], None] | None = None
+                   ) -> SweepResult:
+    """Run the selected items of one experiment, then aggregate. Failures are collected, not raised."""
+    runner = ExperimentRunner(experiment, toolkit=toolkit, output_dir=output_dir, resume=resume, progress=progress)
+    sweep = SweepResult(experiment, runner)
+    items = select_items(experiment, keyword)
+    runner.start()
+    for item in items:
+        try:
+            outcome = runner.run_item(item)
+            sweep.outcomes.append(outcome)
+            err = None
+        except ExpectationFailed as exc:
+            outcome = exc.outcome
+            sweep.outcomes.append(outcome)
+            sweep.errors.append(exc)
+            err = exc
+        except StageError as exc:
+            outcome, err = None, exc
+            sweep.errors.append(exc)
+        if on_item is not None:
+            on_item(item, outcome, err)
+    runner.finish()
+    return sweep
+
+
+__all__ = ["ExperimentRunner", "StageError", "ExpectationFailed", "ItemOutcome", "run_experiment", "select_items",
+           "STAGES"]
