@@ -54,7 +54,7 @@ DATASETS_ALIASES = {
 }
 SEPARATOR = "\n"
 DEFAULT_BLOCK_SIZE = 128
-_TEXT_SUFFIXES = (".txt", ".jsonl")
+_TEXT_SUFFIXES = (".txt", ".text", ".md", ".jsonl")
 
 
 def canonical_split(split: str | None) -> str | None:
@@ -141,7 +141,7 @@ def _local_source(path: Path, text_field: str) -> TextSource:
             raise ConfigError(f"directory '{path}' holds no .txt or .jsonl files; point to a file or a directory of them")
     else:
         if path.suffix not in _TEXT_SUFFIXES:
-            raise ConfigError(f"'{path}' is neither .txt nor .jsonl; give text as .txt or .jsonl (field '{text_field}')")
+            raise ConfigError(f"'{path}' is not a text file; give .txt, .text, .md or .jsonl (field '{text_field}')")
         files = [path]
     parts: list[str] = []
     for f in files:
