@@ -180,6 +180,8 @@ class ExperimentRunner:
 
         def blocks(split: str, n: int, seed: int):
             source = getattr(d, f"{split}_source") or d.source
+            local = self.experiment.path.parent / source  # paths in a spec are relative to the spec file
+            source = str(local) if not Path(source).is_absolute() and local.exists() else source
             return load_blocks(tokenizer, source, split, d.block_size, max_length=max_length, **opts).sample(n, seed)
 
         calibration = blocks("calibration", d.calibration_blocks, 0)

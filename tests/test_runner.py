@@ -1,0 +1,209 @@
+"""The runner end to end on a tiny random Llama and a small local text: sharing, resume, stage errors,
+expectations, `spon run`, and pytest collection of exp_*.yaml through pytester."""
+
+from __future__ import annotations
+
+import json
+import random
+import textwrap
+
+import pytest
+
+from spon_toolkit import cli
+from spon_toolkit.experiment import load_experiment
+from spon_toolkit.plugins import Toolkit
+from spon_toolkit.runner import ExperimentRunner, StageError, run_experiment
+
+pytest_plugins = ("pytester",)
+
+WORDS = ("the of and to a in that is for it as was with be by on not he this are or his from at which but have "
+         "an they you were her she there been one all we their").split()
+
+SPEC = """
+model: tiny-random
+data: {{calibration_source: calib.txt, eval_source: eval.txt, block_size: 32, calibration_blocks: 8,
+        eval_blocks: 4, batch_size: 2}}
+sparsifier: magnitude
+sites: down_proj
+sparsity: [0.5]
+allocations: [BASELINE-TEAL, UNIF-ALL, TOP-50]
+trainer: {{name: kl, options: {{epochs: 2, learning_rate: 0.01, progress: false}}}}
+seeds: [0, 1]
+report: false
+expect:
+{expect}
+"""
+PASSING = "  - spon_params[TOP-50] < spon_params[UNIF-ALL]\n  - sparse_ppl[BASELINE-TEAL] > 0"
+FAILING = "  - spon_params[UNIF-ALL] < spon_params[TOP-50]"
+
+
+def write_texts(directory):
+    rng = random.Random(0)
+    for name, n in (("calib.txt", 1500), ("eval.txt", 800)):
+        (directory / name).write_text(" ".join(rng.choice(WORDS) for _ in range(n)))
+
+
+def write_spec(directory, expect=PASSING, name="exp_tiny.yaml", replace=None):
+    write_texts(directory)
+    text = SPEC.format(expect=expect)
+    for old, new in (replace or {}).items():
+        text = text.replace(old, new)
+    path = directory / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.fixture(scope="module")
+def toolkit():
+    return Toolkit(load_entrypoints=False)
+
+
+AGGREGATED = ("aggregated/summary.csv", "aggregated/pareto.json", "aggregated/latex_tables/ppl.tex",
+              "analysis/statistics.json", "analysis/comparisons.json")
+
+
+def test_sweep_shares_model_dense_and_calibration(tmp_path, toolkit, monkeypatch):
+    import spon_toolkit.evaluate as evaluate
+    import spon_toolkit.models as models
+
+    calls = {"load": 0, "eval": []}
+    real_load, real_eval = models.load_model, evaluate.evaluate_perplexity
+
+    def counting_load(*a, **k):
+        calls["load"] += 1
+        return real_load(*a, **k)
+
+    def counting_eval(*a, **k):
+        calls["eval"].append(k.get("desc"))
+        return real_eval(*a, **k)
+
+    monkeypatch.setattr(models, "load_model", counting_load)
+    monkeypatch.setattr(evaluate, "evaluate_perplexity", counting_eval)
+    exp = load_experiment(write_spec(tmp_path), toolkit)
+    sweep = run_experiment(exp, toolkit=toolkit, output_dir=tmp_path / "out", progress=False)
+    assert not sweep.errors and len(sweep.outcomes) == 6
+    assert calls["load"] == 1
+    # dense once, TEAL once for the sparsity, then one SPON evaluation per trained item (2 configs x 2 seeds)
+    assert calls["eval"].count("dense") == 1 and calls["eval"].count("TEAL s=0.5") == 1
+    assert len(calls["eval"]) == 2 + 4
+
+    recs = {o.item.name: o.record for o in sweep.outcomes}
+    base, unif = recs["BASELINE-TEAL[s=0.5,seed=0]"], recs["UNIF-ALL[s=0.5,seed=1]"]
+    assert base["ppl"] == base["sparse_ppl"] and base["spon_params"] == 0 and base["train_steps"] == 0
+    assert unif["sparse_ppl"] == base["sparse_ppl"] and unif["dense_ppl"] == base["dense_ppl"]
+    assert unif["spon_params"] == 2 * 64 and unif["train_steps"] == 2 * 4  # 8 blocks / batch 2, 2 epochs
+    assert recs["TOP-50[s=0.5,seed=0]"]["spon_params"] == 64
+    assert unif["achieved_sparsity"] == pytest.approx(0.5)
+    assert len(unif["block_nll"]["spon"]) == 4 and unif["protocol"]["block_size"] == 32
+    assert unif["protocol"]["text_sha256"] and unif["checkpoint"].startswith("checkpoints/")
+    # the seed orders the training batches, so two seeds of a trained config differ
+    assert recs["UNIF-ALL[s=0.5,seed=0]"]["ppl"] != unif["ppl"]
+    run_dir = sweep.runner.manager.run_dir
+    assert (run_dir / unif["checkpoint"]).is_file()
+    assert json.loads((run_dir / "logs.json").read_text())[unif["id"]]["train_history"]
+    for rel in AGGREGATED:
+        assert (tmp_path / "out/tiny" / rel).is_file()
+
+
+def test_resume_after_crash_gives_identical_aggregates(tmp_path, toolkit, monkeypatch):
+    exp = load_experiment(write_spec(tmp_path), toolkit)
+    run_experiment(exp, toolkit=toolkit, output_dir=tmp_path / "a", progress=False)
+
+    real = ExperimentRunner._compute
+    done = []
+
+    def crashing(self, item):
+        if len(done) == 3:
+            raise KeyboardInterrupt  # killed between items
+        done.append(item.id)
+        return real(self, item)
+
+    monkeypatch.setattr(ExperimentRunner, "_compute", crashing)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(exp, toolkit=toolkit, output_dir=tmp_path / "b", progress=False)
+    monkeypatch.setattr(ExperimentRunner, "_compute", real)
+    summary = next((tmp_path / "b/tiny/runs").glob("run_*/summary.json"))
+    assert json.loads(summary.read_text())["n_finished"] == 3
+
+    sweep = run_experiment(exp, toolkit=toolkit, output_dir=tmp_path / "b", progress=False)
+    assert [o.reused for o in sweep.outcomes] == [True] * 3 + [False] * 3
+    assert len(list((tmp_path / "b/tiny/runs").iterdir())) == 1
+    for rel in AGGREGATED:
+        assert (tmp_path / "a/tiny" / rel).read_bytes() == (tmp_path / "b/tiny" / rel).read_bytes(), rel
+
+
+def test_stage_errors_name_the_stage(tmp_path, toolkit):
+    path = write_spec(tmp_path, expect="  []", replace={
+        "[BASELINE-TEAL, UNIF-ALL, TOP-50]": "[BASELINE-TEAL, {name: TOP, options: {fraction: 2}}]"})
+    exp = load_experiment(path, toolkit)
+    runner = ExperimentRunner(exp, toolkit=toolkit, output_dir=tmp_path / "out", progress=False)
+    with pytest.raises(StageError) as info:
+        runner.run_item(exp.item("TOP", 0.5, 0))
+    assert info.value.stage == "allocate" and "fraction" in str(info.value)
+    assert str(info.value).startswith("exp_tiny.yaml::TOP[s=0.5,seed=0]: stage 'allocate' failed")
+    summary = json.loads((runner.manager.run_dir / "summary.json").read_text())
+    assert summary["failed"]["exp_tiny.yaml::TOP[s=0.5,seed=0]"]["stage"] == "allocate"
+
+    bad_sites = write_spec(tmp_path, expect="  []", replace={"sites: down_proj": "sites: layers.9.down_proj"})
+    exp = load_experiment(bad_sites, toolkit)
+    runner = ExperimentRunner(exp, toolkit=toolkit, output_dir=tmp_path / "out2", progress=False)
+    with pytest.raises(StageError, match="stage 'load' failed"):
+        runner.run_item(exp.items()[0])
+
+
+def test_spon_run_cli(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path, expect=FAILING)
+    code = cli.main(["run", "exp_tiny.yaml", "-k", "UNIF-ALL and seed=0", "--output-dir", "out"])
+    out = capsys.readouterr().out
+    assert code == 1  # the expectation fails
+    assert "FAILED exp_tiny.yaml::UNIF-ALL[s=0.5,seed=0]: stage 'expectations' failed" in out
+    assert "spon_params[UNIF-ALL] = 128 < spon_params[TOP-50] = 64 is False" in out
+    # the expectation needed TOP-50 at the same (sparsity, seed): it was run and recorded too
+    results = json.loads(next((tmp_path / "out/tiny/runs").glob("run_*/results.json")).read_text())
+    assert sorted(results) == ["exp_tiny.yaml::TOP-50[s=0.5,seed=0]", "exp_tiny.yaml::UNIF-ALL[s=0.5,seed=0]"]
+    assert "0 passed, 1 failed" in out and "item" in out.splitlines()[0]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "exp_bad.yaml"], "exp_bad.yaml: key 'allocations[2].name': unknown allocation strategy 'TOP-5O'"),
+    (["run", "exp_bad_s.yaml"], "exp_bad_s.yaml: key 'sparsity[0]'"),
+    (["run", "exp_tiny.yaml", "--output-dir", "afile"], "afile: --output-dir names a file"),
+    (["report", "out_missing"], "out_missing: results directory not found"),
+    (["report", "half"], "aggregated/summary.csv"),
+])
+def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, needle):
+    monkeypatch.chdir(tmp_path)
+    spec = write_spec(tmp_path)
+    (tmp_path / "exp_bad.yaml").write_text(spec.read_text().replace("TOP-50]", "TOP-5O]").replace(
+        "  - spon_params[TOP-50] < spon_params[UNIF-ALL]\n", ""))
+    (tmp_path / "exp_bad_s.yaml").write_text(spec.read_text().replace("sparsity: [0.5]", "sparsity: [-0.1]"))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half/metadata.json").write_text("{}")
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and needle in err and "\n" not in err
+    assert not (tmp_path / "results").exists()
+
+
+def test_pytest_collects_experiments(pytester):
+    write_spec(pytester.path, expect=FAILING)
+    result = pytester.runpytest("--collect-only", "-q", "exp_tiny.yaml")
+    result.stdout.fnmatch_lines(["exp_tiny.yaml::BASELINE-TEAL[[]s=0.5,seed=0[]]",
+                                 "exp_tiny.yaml::TOP-50[[]s=0.5,seed=1[]]", "6 tests collected*"])
+    result = pytester.runpytest("-k", "UNIF-ALL", "--spon-output-dir", "out", "exp_tiny.yaml")
+    result.assert_outcomes(failed=2, deselected=4)
+    result.stdout.fnmatch_lines(["*stage 'expectations' failed*", "*spon_params[[]UNIF-ALL[]] = 128 < *is False*"])
+    result = pytester.runpytest("-k", "TOP-50", "--spon-output-dir", "out", "exp_tiny.yaml")
+    result.assert_outcomes(passed=2, deselected=4)
+    assert (pytester.path / "out/tiny/aggregated/summary.csv").is_file()
+
+
+def test_pytest_reports_spec_errors_at_collection(pytester):
+    write_spec(pytester.path, name="exp_bad.yaml")
+    bad = pytester.path / "exp_bad.yaml"
+    bad.write_text(bad.read_text().replace("sparsity: [0.5]", "sparsity: [0.5, 2]"))
+    result = pytester.runpytest("--collect-only", "-q", "exp_bad.yaml")
+    result.stdout.fnmatch_lines(["*exp_bad.yaml: key 'sparsity[[]1[]]': Input should be less than or equal to 1*"])
+    assert result.ret != 0
