@@ -30,7 +30,9 @@ _EXPORTS: dict[str, str] = {
     # training
     "SPONConfig": "train", "TrainingArgs": "train", "SPONTrainer": "train",
     # experiments and results
-    "compute_pareto_frontier": "results", "ExperimentManager": "results",
+    "compute_pareto_frontier": "results", "ExperimentManager": "results", "load_results": "results",
+    "load_experiment": "experiment", "ExperimentRunner": "runner", "run_experiment": "runner",
+    "write_report": "report",
 }
 
 

@@ -287,10 +287,7 @@ class ExperimentRunner:
             sparsifier = self.sparsifier(item.sparsity)
         with self._stage(item.id, "allocate", timings):
             entry = self.toolkit.allocations.entry(item.allocation.name)
-            importance = {}
-            required = entry.meta.get("requires")
-            if required and not any(k in item.allocation.options for k in ("layers",)):
-                importance[required] = self.importance(item.sparsity, required)
+            importance = {method: self.importance(item.sparsity, method) for method in self._needs(entry, item)}
             ctx = AllocationContext.from_model(model, spec.sites, importance=importance, sitemap=sitemap)
             plan = allocate(self.toolkit, item.allocation.name, ctx, **item.allocation.options)
         with self._stage(item.id, "evaluate", timings):
@@ -367,6 +364,15 @@ class ExperimentRunner:
                               figures_dir=self.manager.run_dir / "figures")
             out[spec.name] = self.toolkit.analyzers.get(spec.name)(run, **spec.options)
         return out
+
+    def _needs(self, entry, item: Item) -> list[str]:
+        """Importance methods an allocation needs: its declared ``requires`` and a ``scores=`` option,
+        unless explicit ``layers`` make scores unnecessary."""
+        options = item.allocation.options
+        if "layers" in options:
+            return []
+        wanted = [entry.meta.get("requires"), options.get("scores")]
+        return [m for m in dict.fromkeys(wanted) if isinstance(m, str) and m in self.toolkit.importance_methods]
 
     # --- expectations ------------------------------------------------------------------------------
     def metrics(self, config: str, sparsity: float, seed: int) -> dict[str, float]:
