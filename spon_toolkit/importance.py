@@ -45,12 +45,11 @@ from typing import Any
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .errors import ConfigError
 from .sites import SiteMap, parse_site, site_name
-from .sparse import attach_sparsifier, iter_input_ids, model_device
+from .sparse import attach_sparsifier, iter_input_ids
 from .sparsifiers import Sparsifier
 
 ABLATIONS = ("sparsify", "remove")
@@ -161,19 +160,13 @@ def ablated(model: nn.Module, players: Sequence[Player], *, ablation: str, spars
 
 # --- the value function ---------------------------------------------------------------------------
 
-@torch.no_grad()
 def mean_nll(model: nn.Module, batches: Sequence[torch.Tensor]) -> tuple[float, int]:
     """Token-weighted mean next-token NLL over ``batches`` (each block scored on its own) and the token count."""
-    device = model_device(model)
-    total, count = 0.0, 0
-    for ids in batches:
-        ids = ids.to(device)
-        logits = model(input_ids=ids).logits[:, :-1]
-        targets = ids[:, 1:]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                                       reduction="sum"))
-        count += targets.numel()
-    return total / max(count, 1), count
+    from .evaluate import block_nlls
+
+    sums, counts = block_nlls(model, batches, progress=False)
+    total = sum(counts)
+    return sum(sums) / max(total, 1), total
 
 
 class CoalitionValue:
@@ -434,7 +427,19 @@ def _protocol(value: CoalitionValue, sparsifier: Sparsifier | None, sites: list[
     }
 
 
-def _setup(model, batches, sparsifier, sites, players, ablation, value="neg_nll"):
+def _first_blocks(batches: Iterable, blocks: int | None) -> list[torch.Tensor]:
+    """The first ``blocks`` sequences of ``batches`` (all when None): importance needs only a few."""
+    ids = list(iter_input_ids(batches))
+    if blocks is None:
+        return ids
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or blocks < 1:
+        raise ConfigError(f"blocks must be a positive number of calibration blocks, got {blocks!r}")
+    rows = torch.cat([b.cpu() for b in ids])[:blocks] if ids else torch.empty(0, 0, dtype=torch.long)
+    return [rows] if rows.numel() else []
+
+
+def _setup(model, batches, sparsifier, sites, players, ablation, value="neg_nll", blocks=None):
+    batches = _first_blocks(batches, blocks)
     sitemap = SiteMap(model)
     sparse = sitemap.resolve(sites) if sites else []
     player_list = make_players(sitemap, players, ablation, sparse)
@@ -455,10 +460,13 @@ def _single_ablations(v: CoalitionValue, progress: bool | None) -> tuple[float, 
 
 def sensitivity(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None = None,
                 sites: str | Iterable[str] = "down_proj", *, players: str = "layers", ablation: str = "sparsify",
-                progress: bool | None = None) -> ImportanceResult:
-    """Relative PPL increase ``PPL(only player ablated) / PPL(nothing ablated) - 1`` per player."""
+                blocks: int | None = None, progress: bool | None = None) -> ImportanceResult:
+    """Relative PPL increase ``PPL(only player ablated) / PPL(nothing ablated) - 1`` per player.
+
+    ``blocks``: use only the first that many calibration blocks (all by default).
+    """
     start = time.perf_counter()
-    v, sparse = _setup(model, batches, sparsifier, sites, players, ablation)
+    v, sparse = _setup(model, batches, sparsifier, sites, players, ablation, blocks=blocks)
     base, nll = _single_ablations(v, progress)
     scores = {p: _exp(x - base) - 1.0 for p, x in nll.items()}
     meta = {"protocol": _protocol(v, sparsifier, sparse), "base_nll": base, "base_ppl": _exp(base),
@@ -468,7 +476,7 @@ def sensitivity(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | No
 
 def cornerstone(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None = None,
                 sites: str | Iterable[str] | None = None, *, threshold: float = 0.5, players: str = "layers",
-                progress: bool | None = None) -> ImportanceResult:
+                blocks: int | None = None, progress: bool | None = None) -> ImportanceResult:
     """Layers whose removal alone raises PPL by more than ``threshold`` (relative; 0.5 = +50%).
 
     Scores are the relative PPL increase on removal; ``selected`` lists the cornerstone players.
@@ -477,7 +485,7 @@ def cornerstone(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | No
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ConfigError(f"cornerstone threshold must be a relative PPL increase >= 0 (0.5 = +50%), got {threshold!r}")
     start = time.perf_counter()
-    v, _ = _setup(model, batches, None, None, players, "remove")
+    v, _ = _setup(model, batches, None, None, players, "remove", blocks=blocks)
     base, nll = _single_ablations(v, progress)
     scores = {p: _exp(x - base) - 1.0 for p, x in nll.items()}
     selected = [p for p, s in scores.items() if s > threshold]
@@ -490,7 +498,7 @@ def cornerstone(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | No
 def shapley(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None = None,
             sites: str | Iterable[str] = "down_proj", *, players: str = "layers", ablation: str = "sparsify",
             estimator: str = "permutation", budget: int | None = None, level: int = 2, seed: int = 0,
-            value: str = "neg_nll", progress: bool | None = None) -> ImportanceResult:
+            value: str = "neg_nll", blocks: int | None = None, progress: bool | None = None) -> ImportanceResult:
     """Shapley values of the players for ``v(S) = -NLL`` (or ``-PPL``) with the players outside ``S`` ablated.
 
     ``budget`` (permutation estimator): model evaluations; default ``10 * (n + 1)``. ``level``: proximity
@@ -500,7 +508,7 @@ def shapley(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None =
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator must be one of {ESTIMATORS}, got '{estimator}'")
     start = time.perf_counter()
-    v, sparse = _setup(model, batches, sparsifier, sites, players, ablation, value)
+    v, sparse = _setup(model, batches, sparsifier, sites, players, ablation, value, blocks)
     n = v.n
     if estimator == "exact":
         est = exact_shapley(v, n, progress=progress)

@@ -222,3 +222,12 @@ def test_cache_hits_and_keys(model3, blocks, tmp_path, spon_make_toolkit):
                               cache_dir=tmp_path).meta["cache"] == "miss"
     assert len(list(tmp_path.glob("sensitivity-*.json"))) == 5
     assert not list(itertools.chain(tmp_path.glob("*.tmp"), tmp_path.glob(".*")))
+
+
+def test_blocks_option_uses_the_first_blocks(model3, blocks):
+    sp = MagnitudeSparsifier(0.8)
+    first = sensitivity(model3, [blocks[0][:1]], sp, "down_proj")
+    limited = sensitivity(model3, blocks, sp, "down_proj", blocks=1)
+    assert limited.scores == pytest.approx(first.scores) and limited.meta["protocol"]["blocks"] == 1
+    with pytest.raises(ConfigError, match="blocks must be a positive"):
+        sensitivity(model3, blocks, sp, "down_proj", blocks=0)
