@@ -1,0 +1,148 @@
+"""Benchmark one SPON training step against one dense forward of the same batch (same run, same dtype).
+
+Protocol: smollm2-135m (offline default), a batch of 8 x 128 token ids (seeded random ids: timing does
+not depend on the text), magnitude top-k at sparsity 0.5 on ``down_proj`` of all 30 layers, a float32
+SPON bias on each (UNIF-ALL), the ``kl`` trainer with its defaults.
+
+- dense forward: ``model(ids)`` under ``no_grad`` (median of ``--reps`` after one warm-up);
+- training step, teacher not cached (``teacher_cache_mb=0``): teacher forward + student forward + chunked
+  KL + backward + AdamW step, as the trainer runs it (median per-step time over ``--reps`` steps after a
+  warm-up step, from the trainer's own per-step metrics);
+- training step, teacher cached (what later epochs cost).
+
+Peak memory (max RSS, each measured in a fresh subprocess so peaks do not mix): dense forward, training
+step, and the KL computation alone on ``8*128 x 49152`` logits (forward + backward) with the default
+chunking and unchunked. Memory numbers are the increase of max RSS over the RSS just before the measured
+operation, with its inputs already allocated.
+
+Run: ``python benchmarks/bench_train.py [--dtype bfloat16|float32] [--reps 3] [--threads N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+
+BATCH, BLOCK, VOCAB = 8, 128, 49152
+
+
+def _rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _setup(dtype: str):
+    from spon_toolkit import MagnitudeSparsifier, SparseModel, SponBiases, load_model
+
+    model, _ = load_model("smollm2-135m", dtype=dtype, device="cpu")
+    ids = torch.randint(0, model.config.vocab_size, (BATCH, BLOCK), generator=torch.Generator().manual_seed(0))
+    biases = SponBiases(model, "down_proj")
+    sm = SparseModel(model, MagnitudeSparsifier(0.5), "down_proj", biases=biases)
+    return model, ids, sm
+
+
+def _dense_forward(model, ids) -> float:
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    return time.perf_counter() - t0
+
+
+def _train_steps(sm, ids, reps: int, cache_mb: float) -> list[float]:
+    from spon_toolkit.train import KLTrainer
+
+    # One batch repeated: with cache_mb=0 the teacher runs every step; otherwise it runs at step 1 only.
+    trainer = KLTrainer(epochs=reps + 1, teacher_cache_mb=cache_mb, logging_steps=1, progress=False)
+    result = trainer.train(sm, [ids])
+    return [BATCH * BLOCK / m["tokens_per_s"] for m in result.metrics][1:]
+
+
+def _child(kind: str, dtype: str, queue) -> None:
+    torch.set_num_threads(_THREADS[0])
+    if kind in ("kl_chunked", "kl_unchunked"):
+        from spon_toolkit.losses import DEFAULT_CHUNK_SIZE, kl_divergence
+
+        g = torch.Generator().manual_seed(0)
+        teacher = torch.randn(BATCH * BLOCK, VOCAB, generator=g)
+        student = torch.randn(BATCH * BLOCK, VOCAB, generator=g).requires_grad_(True)
+        before = _rss_mb()
+        loss = kl_divergence(teacher, student, chunk_size=DEFAULT_CHUNK_SIZE if kind == "kl_chunked" else None)
+        loss.backward()
+        queue.put({kind: _peak_mb() - before})
+        return
+    model, ids, sm = _setup(dtype)
+    _dense_forward(model, ids)
+    if kind == "dense":
+        before = _rss_mb()
+        _dense_forward(model, ids)
+        queue.put({kind: _peak_mb() - before, "model_rss_mb": before})
+    else:
+        before = _rss_mb()
+        _train_steps(sm, ids, 1, 0.0)
+        queue.put({kind: _peak_mb() - before, "model_rss_mb": before})
+
+
+_THREADS = [torch.get_num_threads()]
+
+
+def _measure_memory(dtype: str) -> dict[str, float]:
+    ctx = mp.get_context("spawn")
+    out: dict[str, float] = {}
+    for kind in ("dense", "train_step", "kl_chunked", "kl_unchunked"):
+        q = ctx.Queue()
+        p = ctx.Process(target=_child, args=(kind, dtype, q))
+        p.start()
+        res = q.get()
+        p.join()
+        out.update({f"{k}_peak_extra_mb" if k == kind else k: v for k, v in res.items()})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", default="bfloat16", help="model dtype (bfloat16 or float32)")
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    _THREADS[0] = torch.get_num_threads()
+
+    model, ids, sm = _setup(args.dtype)
+    with sm.dense():
+        _dense_forward(model, ids)  # warm-up
+        dense = statistics.median(_dense_forward(model, ids) for _ in range(args.reps))
+    step_uncached = statistics.median(_train_steps(sm, ids, args.reps, 0.0))
+    step_cached = statistics.median(_train_steps(sm, ids, args.reps, 1024.0))
+    sm.detach()
+    result = {
+        "protocol": f"smollm2-135m {args.dtype}, batch {BATCH}x{BLOCK}, magnitude 0.5 on down_proj x30, "
+                    f"UNIF-ALL biases, kl trainer defaults, {torch.get_num_threads()} threads, median of {args.reps}",
+        "dense_forward_s": dense,
+        "train_step_s": step_uncached,
+        "train_step_cached_teacher_s": step_cached,
+        "ratio_step_vs_dense": step_uncached / dense,
+        "ratio_cached_step_vs_dense": step_cached / dense,
+        "dense_tokens_per_s": BATCH * BLOCK / dense,
+    }
+    if not args.no_memory:
+        result.update(_measure_memory(args.dtype))
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
