@@ -27,6 +27,8 @@ _EXPORTS: dict[str, str] = {
     # models, data, evaluation
     "load_model": "models", "model_fingerprint": "models",
     "create_calibration_dataloader": "data", "compute_perplexity": "evaluate",
+    "load_blocks": "data", "load_text": "data", "TokenBlocks": "data",
+    "evaluate_perplexity": "evaluate", "PerplexityResult": "evaluate",
     # training
     "SPONConfig": "train", "TrainingArgs": "train", "SPONTrainer": "train",
     # experiments and results
