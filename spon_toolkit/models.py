@@ -142,6 +142,21 @@ def _finish(model: nn.Module, tokenizer: Any, device: torch.device, source: dict
 
 # --- hf: hub ids and local directories --------------------------------------------------------------
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hugging Face endpoint accepts a TCP connection (False when offline mode is set)."""
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    try:
+        with socket.create_connection((url.hostname or "huggingface.co", url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def load_hf(
     name_or_path: str,
     *,
@@ -164,7 +179,12 @@ def load_hf(
     kwargs = dict(trust_remote_code=bool(trust_remote_code), revision=revision, **options)
     is_dir = Path(name_or_path).expanduser().is_dir()
     path = str(Path(name_or_path).expanduser()) if is_dir else name_or_path
-    attempts = [True] if (is_dir or local_files_only) else [True, False] if local_files_only is None else [False]
+    if is_dir or local_files_only:
+        attempts = [True]
+    elif local_files_only is None:
+        attempts = [True, False] if _hub_reachable() else [True]  # no minute of retries when offline
+    else:
+        attempts = [False]
     last: Exception | None = None
     for local in attempts:
         try:

