@@ -24,6 +24,9 @@ _EXPORTS: dict[str, str] = {
     "MagnitudeSparsifier": "sparsifiers", "ThresholdSparsifier": "sparsifiers",
     "attach_sparsifier": "sparse", "SponBiases": "sparse", "SparseModel": "sparse", "sparsified": "sparse",
     "register_sparsification_hooks": "sparse", "remove_hooks": "sparse",
+    # allocation and layer importance
+    "AllocationContext": "allocation", "AllocationPlan": "allocation", "allocate": "allocation",
+    "load_overrides": "allocation", "compute_importance": "importance", "ImportanceResult": "importance",
     # models, data, evaluation
     "load_model": "models", "model_fingerprint": "models",
     "create_calibration_dataloader": "data", "compute_perplexity": "evaluate",

@@ -692,14 +692,22 @@ def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsif
     return result
 
 
-def _atomic_write_json(path: Path, data: Any) -> None:
+def write_text_atomically(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file next to ``path``, then rename: readers never see half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(_jsonable(data), f, indent=1)
+            f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    write_text_atomically(path, json.dumps(_jsonable(data), indent=1))

@@ -10,8 +10,6 @@ can carry all three. Read it with :func:`spon_toolkit.allocation.load_overrides`
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -88,17 +86,11 @@ def _check_output(path: Path, n_layers: int | None = None):
 def write_overrides(path: Path, payload: dict[str, Any]) -> None:
     import yaml
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write("# Written by `spon importance`: layer-importance scores and the layers each data-driven\n"
-                     "# allocation picks from them. Read by spon_toolkit.allocation.load_overrides.\n")
-            yaml.safe_dump(payload, fh, sort_keys=False, default_flow_style=None, width=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    from spon_toolkit.importance import write_text_atomically
+
+    header = ("# Written by `spon importance`: layer-importance scores and the layers each data-driven\n"
+              "# allocation picks from them. Read by spon_toolkit.allocation.load_overrides.\n")
+    write_text_atomically(path, header + yaml.safe_dump(payload, sort_keys=False, default_flow_style=None, width=110))
 
 
 def run(args, toolkit) -> int:
