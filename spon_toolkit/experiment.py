@@ -136,6 +136,9 @@ class ExperimentSpec(_Strict):
     seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
     analyzers: list[AnalyzerSpec] = Field(default_factory=list)
     importance: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: an override file written by `spon importance -o` (relative to the spec file): layers for the
+    #: data-driven allocations, used unless an allocation's own options give `layers`
+    data_driven_overrides: str | None = None
     report: bool = True
     expect: list[str] = Field(default_factory=list)
 

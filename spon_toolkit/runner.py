@@ -115,6 +115,7 @@ class ExperimentRunner:
         self._sparsifiers: dict[float, Any] = {}
         self._teal: dict[tuple[float, tuple[str, ...]], EvalResult] = {}
         self._importance: dict[tuple[float, str], Any] = {}
+        self._overrides = None
         self._records: dict[str, dict[str, Any]] = {}
         self.timings: dict[str, float] = {}
 
@@ -289,7 +290,7 @@ class ExperimentRunner:
             entry = self.toolkit.allocations.entry(item.allocation.name)
             importance = {method: self.importance(item.sparsity, method) for method in self._needs(entry, item)}
             ctx = AllocationContext.from_model(model, spec.sites, importance=importance, sitemap=sitemap)
-            plan = allocate(self.toolkit, item.allocation.name, ctx, **item.allocation.options)
+            plan = allocate(self.toolkit, item.allocation.name, ctx, **self._allocation_options(item))
         with self._stage(item.id, "evaluate", timings):
             dense = self.dense()
             teal = self.teal(item.sparsity, plan.sparse_sites)
@@ -368,11 +369,23 @@ class ExperimentRunner:
     def _needs(self, entry, item: Item) -> list[str]:
         """Importance methods an allocation needs: its declared ``requires`` and a ``scores=`` option,
         unless explicit ``layers`` make scores unnecessary."""
-        options = item.allocation.options
+        options = self._allocation_options(item)
         if "layers" in options:
             return []
         wanted = [entry.meta.get("requires"), options.get("scores")]
         return [m for m in dict.fromkeys(wanted) if isinstance(m, str) and m in self.toolkit.importance_methods]
+
+    def _allocation_options(self, item: Item) -> dict[str, Any]:
+        """The item's allocation options over those of the spec's ``data_driven_overrides`` file."""
+        path = self.experiment.spec.data_driven_overrides
+        if path is None:
+            return dict(item.allocation.options)
+        if self._overrides is None:
+            from .allocation import load_overrides
+
+            local = self.experiment.path.parent / path  # relative to the spec file, like data sources
+            self._overrides = load_overrides(local if local.exists() else path, self._sitemap.n_layers)
+        return {**self._overrides.options_for(item.allocation.name), **item.allocation.options}
 
     # --- expectations ------------------------------------------------------------------------------
     def metrics(self, config: str, sparsity: float, seed: int) -> dict[str, float]:

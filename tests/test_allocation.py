@@ -232,3 +232,38 @@ def test_bad_override_files_name_the_file(tmp_path, content, pattern):
     assert str(path) in str(info.value) and "\n" not in str(info.value)
     with pytest.raises(ConfigError, match="does not exist"):
         load_overrides(tmp_path / "missing.yaml")
+
+
+# --- the sweep reads override files ----------------------------------------------------------------------
+
+SWEEP_SPEC = """
+model: tiny-random
+data: {calibration_source: calib.txt, eval_source: eval.txt, block_size: 32, calibration_blocks: 2,
+       eval_blocks: 2, batch_size: 2}
+sites: down_proj
+sparsity: [0.5]
+allocations: [CRITICAL-ONLY]
+trainer: {name: kl, options: {epochs: 1, progress: false}}
+data_driven_overrides: OVERRIDES
+report: false
+"""
+
+
+@pytest.mark.parametrize("layers,error", [([1], None), ([5], "names layer 5, which the model lacks")])
+def test_sweep_takes_layers_from_the_override_file(tmp_path, toolkit, layers, error):
+    from spon_toolkit.runner import ExperimentRunner, StageError
+
+    (tmp_path / "calib.txt").write_text(" ".join(["the nation and the people of the state"] * 200))
+    (tmp_path / "eval.txt").write_text(" ".join(["a year of the congress and the people"] * 100))
+    (tmp_path / "ov.yaml").write_text(f"allocations:\n  CRITICAL-ONLY: {{layers: {layers}}}\n")
+    spec = tmp_path / "exp_ov.yaml"
+    spec.write_text(SWEEP_SPEC.replace("OVERRIDES", "ov.yaml"))
+    runner = ExperimentRunner.from_path(spec, toolkit=toolkit, output_dir=tmp_path / "out", progress=False)
+    item = runner.experiment.items()[0]
+    if error is None:
+        record = runner.run_item(item).record
+        assert record["plan"]["biased_layers"] == [1] and record["n_biased_sites"] == 1
+    else:
+        with pytest.raises(StageError, match=error) as info:
+            runner.run_item(item)
+        assert "ov.yaml" in str(info.value) and "'allocate'" in str(info.value)
