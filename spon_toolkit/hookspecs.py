@@ -73,7 +73,14 @@ def spon_register_trainers(register):
     """Register SPON trainers (the KL trainer and loss ablations).
 
     ``register(name, factory)`` with ``factory(**options)`` returning an object whose
-    ``train(sparse_model, batches)`` trains the attached biases and returns metrics.
+    ``train(sparse_model, batches, *, calibration_batches=None)`` trains the biases attached to
+    ``sparse_model`` (a :class:`spon_toolkit.sparse.SparseModel`; ``sparse_model.biases`` holds the
+    parameters, ``with sparse_model.dense():`` gives the teacher) in place and returns a
+    :class:`spon_toolkit.train.TrainResult` (``final_loss``, ``mean_loss``, ``training_loss``, per-step
+    ``metrics``, ``steps``, ``tokens``, ``seconds``, ``objective``, ``options``). ``batches`` are token-id
+    tensors ``[B, T]`` or dicts with ``input_ids``; ``calibration_batches`` feed a closed-form
+    initialisation. Bad options raise :class:`spon_toolkit.errors.ConfigError` from the factory, before
+    any model work. Built-ins: ``kl`` (default), ``reverse_kl``, ``js``, ``hidden_mse``.
     """
 
 

@@ -230,6 +230,14 @@ def test_seed_api(tiny_ids):
             ours = sm(input_ids=tiny_ids).logits
     assert torch.allclose(seed_logits, ours, atol=1e-6)
     assert not torch.allclose(seed_logits, dense)
+    # the seed's evaluation call takes the dict as returned
+    from spon_toolkit import compute_perplexity
+
+    with_dict = compute_perplexity(model, loader, "cpu", use_sparse=True, sparsity=0.7, spon_biases=biases)
+    with_obj = compute_perplexity(model, loader, "cpu", use_sparse=True, sparsity=0.7, spon_biases=trainer.biases)
+    without = compute_perplexity(model, loader, "cpu", use_sparse=True, sparsity=0.7)
+    assert with_dict.perplexity == pytest.approx(with_obj.perplexity, rel=1e-6)
+    assert with_dict.perplexity != without.perplexity
 
 
 def test_seed_api_rejects_bad_args():
