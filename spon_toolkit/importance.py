@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .errors import ConfigError
+from .errors import ConfigError, PluginError
 from .sites import SiteMap, parse_site, site_name
 from .sparse import attach_sparsifier, iter_input_ids
 from .sparsifiers import Sparsifier
@@ -684,7 +684,7 @@ def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsif
                 pass  # a damaged cache entry is recomputed and overwritten
     result = entry.factory(model, batches, sparsifier, resolved, **options)
     if not isinstance(result, ImportanceResult):
-        raise ConfigError(f"importance method '{method}' (plugin '{entry.plugin}') returned "
+        raise PluginError(f"importance method '{method}' (plugin '{entry.plugin}') returned "
                           f"{type(result).__name__}, not an ImportanceResult")
     result.meta["cache"] = "miss" if use_cache else "off"
     if path is not None:

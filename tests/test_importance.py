@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spon_toolkit.errors import ConfigError
+from spon_toolkit.hookspecs import hookimpl
 from spon_toolkit.importance import (
     CountingValue,
     compute_importance,
@@ -324,3 +325,28 @@ def test_cli_refuses_to_merge_into_a_file_for_another_model(tmp_path, text_file,
                    "--blocks", "1", "--block-size", "32", "--no-cache", "-o", str(out))
     err = capsys.readouterr().err
     assert code == 2 and f"override file '{out}'" in err and "this model has 2" in err
+
+
+class DepthPlugin:
+    """A third-party importance method: deeper layers score higher (no model pass), and a broken one."""
+
+    @staticmethod
+    def depth(model, batches, sparsifier, sites, **options):
+        from spon_toolkit.importance import ImportanceResult
+
+        return ImportanceResult("depth", {s.rsplit(".", 1)[0]: float(s.split(".")[1]) for s in sites})
+
+    @hookimpl
+    def spon_register_importance_methods(self, register):
+        register("depth", self.depth, "deeper is more important")
+        register("broken", lambda model, batches, sparsifier, sites, **o: {"layers.0": 1.0})
+
+
+def test_plugin_importance_methods_go_through_the_cache(model3, blocks, tmp_path, spon_make_toolkit):
+    from spon_toolkit.errors import PluginError
+
+    tk = spon_make_toolkit(DepthPlugin())
+    r = compute_importance("depth", model3, blocks, None, "down_proj", toolkit=tk, cache_dir=tmp_path)
+    assert r.scores == {"layers.0": 0.0, "layers.1": 1.0, "layers.2": 2.0} and r.meta["cache"] == "miss"
+    with pytest.raises(PluginError, match=r"importance method 'broken' \(plugin 'extra-0'\) returned dict"):
+        compute_importance("broken", model3, blocks, None, "down_proj", toolkit=tk, cache_dir=tmp_path)
