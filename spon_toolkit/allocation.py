@@ -24,6 +24,7 @@ Data-driven allocations (CRITICAL-ONLY, SHAPLEY-GUIDED, CORNERSTONE) read import
 
 from __future__ import annotations
 
+import inspect
 import math
 import statistics
 from collections.abc import Iterable, Mapping
@@ -260,13 +261,21 @@ def allocate(toolkit, name: str, context: AllocationContext, **options: Any) -> 
     entry = toolkit.allocations.entry(name)
     who = f"allocation '{name}' (plugin '{entry.plugin}')"
     try:
+        signature = inspect.signature(entry.factory)
+    except (TypeError, ValueError):  # some callables have no introspectable signature
+        signature = None
+    if signature is not None:
+        try:
+            signature.bind(context, **options)
+        except TypeError as exc:
+            accepted = [p for p in list(signature.parameters)[1:] if signature.parameters[p].kind
+                        in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+            raise ConfigError(f"{who} does not take options {sorted(options)} ({exc}); "
+                              f"its options: {', '.join(accepted) or 'none'}") from None
+    try:
         result = entry.factory(context, **options)
     except SponError as exc:
         raise type(exc)(f"{who}: {exc}") from exc
-    except TypeError as exc:
-        if "argument" in str(exc):  # an option the strategy does not take
-            raise ConfigError(f"{who} rejected its options {sorted(options)}: {exc}") from exc
-        raise PluginError(f"{who} failed: TypeError: {exc}") from exc
     except Exception as exc:
         raise PluginError(f"{who} failed: {type(exc).__name__}: {exc}") from exc
 
