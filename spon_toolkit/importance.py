@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -644,6 +645,18 @@ def cache_key(*, fingerprint: str, data_hash: str, method: str, options: Mapping
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
+def _with_defaults(fn: Callable, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` completed with the method's keyword defaults, so that spelling out a default option
+    and leaving it out give the same cache key."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return dict(options)
+    defaults = {p.name: p.default for p in params
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+    return {**defaults, **options}
+
+
 def default_cache_dir() -> Path:
     from .models import user_cache_dir
 
@@ -672,7 +685,7 @@ def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsif
     path = None
     if use_cache:
         key = cache_key(fingerprint=model_fingerprint(model), data_hash=hash_batches(batches), method=method,
-                        options=options, sparsifier=sparsifier, sites=resolved)
+                        options=_with_defaults(entry.factory, options), sparsifier=sparsifier, sites=resolved)
         path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
         path = path / f"{method}-{key[:24]}.json"
         if path.is_file():

@@ -350,3 +350,12 @@ def test_plugin_importance_methods_go_through_the_cache(model3, blocks, tmp_path
     assert r.scores == {"layers.0": 0.0, "layers.1": 1.0, "layers.2": 2.0} and r.meta["cache"] == "miss"
     with pytest.raises(PluginError, match=r"importance method 'broken' \(plugin 'extra-0'\) returned dict"):
         compute_importance("broken", model3, blocks, None, "down_proj", toolkit=tk, cache_dir=tmp_path)
+
+
+def test_cache_key_ignores_spelled_out_defaults(model3, blocks, tmp_path, spon_make_toolkit):
+    tk = spon_make_toolkit()
+    sp = MagnitudeSparsifier(0.5)
+    compute_importance("sensitivity", model3, blocks, sp, "down_proj", toolkit=tk, cache_dir=tmp_path)
+    again = compute_importance("sensitivity", model3, blocks, sp, "down_proj", players="layers", ablation="sparsify",
+                               progress=False, toolkit=tk, cache_dir=tmp_path)
+    assert again.meta["cache"] == "hit"
