@@ -170,10 +170,10 @@ def spon_register_allocations(register):
              "biases on o_proj and down_proj of every layer", **static)
     register("HYBRID-QD", partial(module_set, targets=("q_proj", "down_proj")),
              "biases on q_proj and down_proj of every layer", **static)
-    register("ADAPTIVE", adaptive,
-             "capacity x UNIF-ALL's parameters on the most important sites (scores if given, else early layers)",
-             **static)
     data = {"kind": "data-driven"}
+    register("ADAPTIVE", adaptive,
+             "capacity x UNIF-ALL's parameters on the most sensitive sites (without scores: earliest layers)",
+             requires="sensitivity", **data)
     register("CRITICAL-ONLY", critical_only, "layers with above-median sensitivity", requires="sensitivity", **data)
     register("SHAPLEY-GUIDED", shapley_guided, "top 50% of layers by Shapley value", requires="shapley", **data)
     register("CORNERSTONE", cornerstone, "layers whose removal alone raises PPL by > threshold (default 50%)",
