@@ -173,11 +173,12 @@ def pareto(results: Results):
     groups = results.pareto.get("by_sparsity", [])
     fig, ax = plt.subplots(figsize=(7.5, 4.5))
     palette = sns.color_palette(n_colors=max(1, len(groups)))
-    for color, g in zip(palette, groups, strict=False):
+    for gi, (color, g) in enumerate(zip(palette, groups, strict=False)):
         pts = [p for p in g["points"] if p["ppl"] is not None]
         ax.scatter([p["spon_params"] for p in pts], [p["ppl"] for p in pts], color=color, label=f"s={g['sparsity']:g}")
         for p in pts:
-            ax.annotate(p["config"], (p["spon_params"], p["ppl"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.annotate(p["config"], (p["spon_params"], p["ppl"]), fontsize=7, xytext=(4, 3 - 9 * gi),
+                        textcoords="offset points", color=color)
         front = [p for c in g["frontier"] for p in pts if p["config"] == c]
         ax.plot([p["spon_params"] for p in front], [p["ppl"] for p in front], color=color, lw=1.2, ls="--")
     ax.set_xlabel("SPON parameters")
@@ -215,7 +216,8 @@ def training_curves(results: Results):
     sparsities = sorted(hist["sparsity"].unique())
     fig, axes = plt.subplots(1, len(sparsities), figsize=(5.5 * len(sparsities), 4), squeeze=False)
     for ax, s in zip(axes[0], sparsities, strict=False):
-        sns.lineplot(data=hist[hist["sparsity"] == s], x="step", y="loss", hue="config", errorbar=("pi", 100), ax=ax)
+        sns.lineplot(data=hist[hist["sparsity"] == s], x="step", y="loss", hue="config", errorbar=("pi", 100), ax=ax,
+                     marker="o", markersize=4)
         ax.set_yscale("log")
         ax.set_title(f"sparsity {s:g}")
         ax.legend(fontsize=7)
