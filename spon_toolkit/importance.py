@@ -625,7 +625,7 @@ def hash_batches(batches: Iterable) -> str:
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in sorted(value.items(), key=lambda kv: str(kv[0]))}
+        return {str(k): _jsonable(v) for k, v in value.items()}  # keep model order; keys sort in cache_key
     if isinstance(value, (list, tuple)):
         return [_jsonable(v) for v in value]
     if isinstance(value, (str, int, float, bool)) or value is None:

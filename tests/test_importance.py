@@ -359,3 +359,12 @@ def test_cache_key_ignores_spelled_out_defaults(model3, blocks, tmp_path, spon_m
     again = compute_importance("sensitivity", model3, blocks, sp, "down_proj", players="layers", ablation="sparsify",
                                progress=False, toolkit=tk, cache_dir=tmp_path)
     assert again.meta["cache"] == "hit"
+
+
+def test_cached_results_keep_model_order(tmp_path, spon_make_toolkit):
+    model = make_tiny_llama(seed=0, num_layers=11)
+    ids = [torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))]
+    tk = spon_make_toolkit()
+    first = compute_importance("cornerstone", model, ids, None, None, toolkit=tk, cache_dir=tmp_path)
+    hit = compute_importance("cornerstone", model, ids, None, None, toolkit=tk, cache_dir=tmp_path)
+    assert hit.meta["cache"] == "hit" and list(hit.scores) == list(first.scores) == [f"layers.{i}" for i in range(11)]
