@@ -72,14 +72,26 @@ def _train_steps(sm, ids, reps: int, cache_mb: float) -> list[float]:
 
 def _child(kind: str, dtype: str, queue) -> None:
     torch.set_num_threads(_THREADS[0])
-    if kind in ("kl_chunked", "kl_unchunked"):
-        from spon_toolkit.losses import DEFAULT_CHUNK_SIZE, kl_divergence
+    if kind.startswith("kl_"):
+        from spon_toolkit.losses import DEFAULT_CHUNK_SIZE, chunked_divergence
 
+        # The trainer's case: student hidden states [tokens, hidden] and a frozen head [vocab, hidden];
+        # "kl_unchunked" materialises all logits at once, the chunked variants never do.
         g = torch.Generator().manual_seed(0)
-        teacher = torch.randn(BATCH * BLOCK, VOCAB, generator=g)
-        student = torch.randn(BATCH * BLOCK, VOCAB, generator=g).requires_grad_(True)
+        hidden = 576
+        head_w = torch.randn(VOCAB, hidden, generator=g) * 0.05
+        t_hidden = torch.randn(BATCH * BLOCK, hidden, generator=g)
+        s_hidden = torch.randn(BATCH * BLOCK, hidden, generator=g).requires_grad_(True)
+
+        def head(x):
+            return x @ head_w.T
+
         before = _rss_mb()
-        loss = kl_divergence(teacher, student, chunk_size=DEFAULT_CHUNK_SIZE if kind == "kl_chunked" else None)
+        if kind == "kl_unchunked":
+            loss = chunked_divergence(head(t_hidden), head(s_hidden), chunk_size=None)
+        else:
+            loss = chunked_divergence(lambda sl: head(t_hidden[sl]), s_hidden, head=head,
+                                      chunk_size=DEFAULT_CHUNK_SIZE)
         loss.backward()
         queue.put({kind: _peak_mb() - before})
         return
@@ -98,10 +110,10 @@ def _child(kind: str, dtype: str, queue) -> None:
 _THREADS = [torch.get_num_threads()]
 
 
-def _measure_memory(dtype: str) -> dict[str, float]:
+def _measure_memory(dtype: str, kinds=("dense", "train_step", "kl_chunked", "kl_unchunked")) -> dict[str, float]:
     ctx = mp.get_context("spawn")
     out: dict[str, float] = {}
-    for kind in ("dense", "train_step", "kl_chunked", "kl_unchunked"):
+    for kind in kinds:
         q = ctx.Queue()
         p = ctx.Process(target=_child, args=(kind, dtype, q))
         p.start()
@@ -117,7 +129,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
+    parser.add_argument("--kl-memory-only", action="store_true",
+                        help="only the KL memory measurement (chunked vs unchunked; no model)")
     args = parser.parse_args()
+    if args.kl_memory_only:
+        print(json.dumps(_measure_memory(args.dtype, ("kl_chunked", "kl_unchunked")), indent=2))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     _THREADS[0] = torch.get_num_threads()

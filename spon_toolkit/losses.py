@@ -109,7 +109,9 @@ class _EagerChunkedLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         (grad,) = ctx.saved_tensors
-        return grad * grad_out.to(grad.dtype), None, None, None, None, None, None
+        if float(grad_out) != 1.0:  # the usual case (loss.backward()) needs no copy of the gradient
+            grad = grad * grad_out.to(grad.dtype)
+        return grad, None, None, None, None, None, None
 
 
 def chunked_divergence(

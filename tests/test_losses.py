@@ -132,3 +132,12 @@ def test_hidden_mse_relative():
     assert math.isclose(float(hidden_mse(t, zeros)), 1.0, rel_tol=1e-6)
     with pytest.raises(ConfigError):
         hidden_mse({}, {})
+
+
+def test_gradient_scales_with_upstream_gradient():
+    t = _logits(0, 6, 9, 2.0)
+    s1 = _logits(1, 6, 9, 2.0).requires_grad_(True)
+    s2 = s1.detach().clone().requires_grad_(True)
+    kl_divergence(t, s1, chunk_size=4).backward()
+    (3.0 * kl_divergence(t, s2, chunk_size=4)).backward()
+    assert torch.allclose(3.0 * s1.grad, s2.grad, atol=1e-8)
