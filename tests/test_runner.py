@@ -200,10 +200,12 @@ def test_pytest_collects_experiments(pytester):
     result = pytester.runpytest("--collect-only", "-q", "exp_tiny.yaml")
     result.stdout.fnmatch_lines(["exp_tiny.yaml::BASELINE-TEAL[[]s=0.5,seed=0[]]",
                                  "exp_tiny.yaml::TOP-50[[]s=0.5,seed=0[]]", "3 tests collected*"])
-    result = pytester.runpytest("-k", "UNIF-ALL", "--spon-output-dir", "out", "exp_tiny.yaml")
+    # runs that execute items go to a subprocess: pytester's in-process runs forget the modules imported
+    # inside them, and C extensions (numpy, torch) cannot be imported twice in one process.
+    result = pytester.runpytest_subprocess("-k", "UNIF-ALL", "--spon-output-dir", "out", "exp_tiny.yaml")
     result.assert_outcomes(failed=1, deselected=2)
     result.stdout.fnmatch_lines(["*stage 'expectations' failed*", "*spon_params[[]UNIF-ALL[]] = 128 < *is False*"])
-    result = pytester.runpytest("-k", "TOP-50 or BASELINE", "--spon-output-dir", "out", "exp_tiny.yaml")
+    result = pytester.runpytest_subprocess("-k", "TOP-50 or BASELINE", "--spon-output-dir", "out", "exp_tiny.yaml")
     result.assert_outcomes(passed=2, deselected=1)
     summary = (pytester.path / "out/tiny/aggregated/summary.csv").read_text()
     assert "UNIF-ALL" in summary and "TOP-50" in summary and "BASELINE-TEAL" in summary
