@@ -332,11 +332,23 @@ def _environment() -> dict[str, Any]:
     return env
 
 
-def check_output_dir(output_dir: str | os.PathLike, key: str = "--output-dir") -> Path:
-    """Make sure ``output_dir`` is (or can become) a writable directory; one-line error otherwise."""
+def check_output_dir(output_dir: str | os.PathLike, key: str = "--output-dir", *, create: bool = True) -> Path:
+    """Make sure ``output_dir`` is (or can become) a writable directory; one-line error otherwise.
+
+    With ``create=False`` nothing is created: the nearest existing ancestor must be a writable directory.
+    """
     path = Path(output_dir)
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{path}: {key} names a file, not a directory; pass a directory path")
+    if not create:
+        ancestor = path.absolute()
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ConfigError(f"{path}: {key} lies under the file '{ancestor}'; pass a directory path")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ConfigError(f"{path}: {key} is not writable; pass a writable directory")
+        return path
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -177,6 +177,7 @@ def test_spon_run_cli(tmp_path, monkeypatch, capsys):
     (["run", "exp_bad.yaml"], "exp_bad.yaml: key 'allocations[2].name': unknown allocation strategy 'TOP-5O'"),
     (["run", "exp_bad_s.yaml"], "exp_bad_s.yaml: key 'sparsity[0]'"),
     (["run", "exp_tiny.yaml", "--output-dir", "afile"], "afile: --output-dir names a file"),
+    (["run", "exp_rep.yaml", "--reports-dir", "afile"], "afile: --reports-dir names a file"),
     (["report", "out_missing"], "out_missing: results directory not found"),
     (["report", "half"], "aggregated/summary.csv"),
 ])
@@ -186,6 +187,7 @@ def test_bad_input_is_one_line(tmp_path, monkeypatch, capsys, args, needle):
     (tmp_path / "exp_bad.yaml").write_text(spec.read_text().replace("TOP-50]", "TOP-5O]").replace(
         "  - spon_params[TOP-50] < spon_params[UNIF-ALL]\n", ""))
     (tmp_path / "exp_bad_s.yaml").write_text(spec.read_text().replace("sparsity: [0.5]", "sparsity: [-0.1]"))
+    (tmp_path / "exp_rep.yaml").write_text(spec.read_text().replace("report: false", "report: true"))
     (tmp_path / "afile").write_text("x")
     (tmp_path / "half").mkdir()
     (tmp_path / "half/metadata.json").write_text("{}")

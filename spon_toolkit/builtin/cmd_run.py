@@ -76,7 +76,9 @@ def run(args, toolkit) -> int:
     from spon_toolkit.runner import run_experiment, select_items
 
     experiments = [load_experiment(p, toolkit) for p in collect_paths(args.paths)]  # validate all first
-    check_output_dir(args.output_dir)
+    check_output_dir(args.output_dir, create=False)
+    if not args.no_report and any(e.spec.report for e in experiments):
+        check_output_dir(args.reports_dir, key="--reports-dir", create=False)  # fail now, not after hours
     selected = {e.path: select_items(e, args.keyword) for e in experiments}
     total = sum(len(v) for v in selected.values())
     if total == 0:
