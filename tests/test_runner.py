@@ -220,3 +220,33 @@ def test_pytest_reports_spec_errors_at_collection(pytester):
     result = pytester.runpytest("--collect-only", "-q", "exp_bad.yaml")
     result.stdout.fnmatch_lines(["*exp_bad.yaml: key 'sparsity[[]1[]]': Input should be less than or equal to 1*"])
     assert result.ret != 0
+
+
+class BiasNormAnalyzer:
+    """A test plugin: an analyzer that reads the trained biases of the item it is given."""
+
+    __name__ = "bias_norm_test_plugin"
+
+    @staticmethod
+    @__import__("spon_toolkit").hookimpl
+    def spon_register_analyzers(register):
+        def analyze(run, scale=1.0):
+            norms = {s: float(t.norm()) * scale for s, t in run.biases.tensors().items()} if run.biases else {}
+            return {"item": run.item.id, "sites": sorted(norms), "total": sum(norms.values()),
+                    "figures_dir_exists": run.figures_dir.is_dir()}
+
+        register("bias_norm", analyze, "L2 norm of each trained bias")
+
+
+def test_analyzers_receive_the_trained_item(tmp_path):
+    toolkit = Toolkit(load_entrypoints=False, extra_plugins=[BiasNormAnalyzer()])
+    path = write_spec(tmp_path, expect="  []", replace={
+        "report: false": "report: false\nanalyzers: [{name: bias_norm, options: {scale: 2.0}}]"})
+    exp = load_experiment(path, toolkit)
+    runner = ExperimentRunner(exp, toolkit=toolkit, output_dir=tmp_path / "out", progress=False)
+    record = runner.run_item(exp.item("UNIF-ALL", 0.5, 0)).record
+    out = record["analyses"]["bias_norm"]
+    assert out["item"] == "exp_tiny.yaml::UNIF-ALL[s=0.5,seed=0]" and out["figures_dir_exists"]
+    assert out["sites"] == ["layers.0.down_proj", "layers.1.down_proj"] and out["total"] > 0
+    with pytest.raises(Exception, match="unknown analyzer 'bias_norm'"):
+        load_experiment(path, Toolkit(load_entrypoints=False))
