@@ -54,8 +54,9 @@ def spon_register_allocations(register):
     """Register allocation strategies: which sites get a SPON bias.
 
     ``register(name, allocate)`` with ``allocate(context, **options)`` returning the sites to bias
-    (an iterable of site names); ``context`` is a :class:`spon_toolkit.allocation.AllocationContext`
-    (layers, sparsified sites, parameter counts, importance scores). The toolkit validates the result.
+    (an iterable of site names), or ``{"biased_sites": [...], "sparse_sites": [...]}`` to change what is
+    sparsified too; ``context`` is a :class:`spon_toolkit.allocation.AllocationContext` (layers, sparsified
+    sites, parameter counts, importance scores). ``spon_toolkit.allocation.allocate`` validates the result.
     """
 
 
@@ -64,7 +65,9 @@ def spon_register_importance_methods(register):
     """Register layer-importance methods (sensitivity, Shapley, cornerstone ...).
 
     ``register(name, score)`` with ``score(model, batches, sparsifier, sites, **options)`` returning a
-    mapping of player (layer or sublayer) -> score, plus metadata (see ``spon_toolkit.importance``).
+    :class:`spon_toolkit.importance.ImportanceResult`: player (``layers.3`` or ``layers.3.mlp``) -> score,
+    higher = more important, plus metadata. Optional meta ``feeds="<allocation>"`` names the allocation
+    it serves; an allocation's meta ``requires="<method>"`` makes a sweep compute that method for it.
     """
 
 
