@@ -83,14 +83,14 @@ def test_only_spon_biases_train_and_kl_drops_on_heldout():
                 seen_grad.append({k for k, p in model.named_parameters() if p.requires_grad})
                 return orig(self, sm_, ids, targets)
 
-        result = Probe(learning_rate=3e-2, epochs=15, progress=False).train(sm, _batches())
+        result = Probe(learning_rate=3e-2, epochs=10, progress=False).train(sm, _batches())
         after = _kl(sm, heldout)
     assert seen_grad and all(not s for s in seen_grad)  # no model weight requires grad while training
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert {k: p.requires_grad for k, p in model.named_parameters()} == flags  # restored
     assert after < 0.8 * before
     assert result.training_loss[-1] < result.training_loss[0]
-    assert result.steps == 45 and result.tokens == 45 * 32 and result.teacher_cached
+    assert result.steps == 30 and result.tokens == 30 * 32 and result.teacher_cached
 
 
 def test_deterministic_and_metrics_csv(tmp_path):
@@ -188,7 +188,7 @@ def test_empty_site_set_and_no_batches():
 
 @pytest.mark.parametrize("name", ["kl", "reverse_kl", "js", "hidden_mse"])
 def test_trainer_plugins_reduce_their_loss(spon_toolkit_fresh, name):
-    trainer = spon_toolkit_fresh.trainers.get(name)(learning_rate=3e-2, epochs=10, logging_steps=5,
+    trainer = spon_toolkit_fresh.trainers.get(name)(learning_rate=3e-2, epochs=6, logging_steps=6,
                                                      progress=False)
     model = _offset_model()
     heldout = _batches(1, b=4, t=32, seed=5)[0]
