@@ -69,9 +69,9 @@ def test_perplexity_rises_with_sparsity(smollm2, eval_blocks):
     model, _ = smollm2
     ppl = [evaluate_perplexity(model, eval_blocks).perplexity] + [
         evaluate_perplexity(model, eval_blocks, sparsifier=MagnitudeSparsifier(s), sites="down_proj").perplexity
-        for s in (0.5, 0.8)
+        for s in (0.7, 0.9)  # far apart: two blocks are too few to resolve +3% at 50%
     ]
-    assert ppl[0] < ppl[1] < ppl[2]
+    assert ppl[0] * 1.05 < ppl[1] and ppl[1] * 1.05 < ppl[2], ppl
 
 
 def test_threshold_hits_its_target_on_other_text(smollm2, eval_blocks, tmp_path):
