@@ -208,8 +208,11 @@ def compare_to_baseline(records: Sequence[Mapping[str, Any]], baseline: str = BA
         pairs = [(r, base[r["seed"]]) for r in group if r["seed"] in base]
         if not pairs:
             continue
+        sites = [((r.get("plan") or {}).get("sparse_sites"), (b.get("plan") or {}).get("sparse_sites")) for r, b in pairs]
+        same_sites = None if any(a is None or b is None for a, b in sites) else all(a == b for a, b in sites)
         entry: dict[str, Any] = {
             "config": config, "baseline": baseline, "sparsity": s, "seeds": [r["seed"] for r, _ in pairs],
+            "same_sparsified_sites": same_sites,
             "ppl_diff_over_seeds": summarize(r["ppl"] - b["ppl"] for r, b in pairs),
             "ppl_ratio_over_seeds": summarize(r["ppl"] / b["ppl"] for r, b in pairs),
         }

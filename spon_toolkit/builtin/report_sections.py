@@ -27,15 +27,16 @@ def ppl_table(results):
         "Perplexity",
         "Dense, TEAL (sparsified, no biases, same sparsified sites) and SPON perplexity per config; mean ± std "
         "over seeds with a 95% Student-t interval of the SPON PPL. *Damage recovered* = "
-        "(PPL_TEAL − PPL_SPON) / (PPL_TEAL − PPL_dense). ATTN-ONLY sparsifies other sites than the rest, so "
-        "its TEAL column is its own baseline.",
+        "(PPL_TEAL − PPL_SPON) / (PPL_TEAL − PPL_dense), shown as '-' where sparsification did not raise "
+        "the perplexity (nothing to recover). A config that sparsifies other sites (the seed's ATTN-ONLY "
+        "sparsifies o_proj only) has its own TEAL column: compare it with that, not with BASELINE-TEAL.",
         "display(views.ppl_table(R))",
     )
 
 
 def ppl_bars(results):
-    return _cells("Perplexity per config", "Bars: mean over seeds (error bars: std); dashed: dense model; "
-                  "dotted: BASELINE-TEAL.", "views.ppl_bars(R);")
+    return _cells("Perplexity per config", "Bars: SPON PPL, mean over seeds (error bars: std); red ticks: "
+                  "TEAL PPL with the same sparsified sites and no biases; dashed: dense model.", "views.ppl_bars(R);")
 
 
 def damage(results):
@@ -45,7 +46,8 @@ def damage(results):
 
 def pareto(results):
     return _cells("Pareto frontier", "SPON parameter count against perplexity; the dashed line joins the "
-                  "configs that no cheaper config beats.", "views.pareto(R);")
+                  "configs that no cheaper config beats. Configs that sparsify other sites are not directly "
+                  "comparable (see the comparison table's last column).", "views.pareto(R);")
 
 
 def training(results):
@@ -57,7 +59,8 @@ def per_sparsity(results):
     return _cells(
         "Per-sparsity comparison",
         "PPL against sparsity, and each config against BASELINE-TEAL paired by seed and by eval block "
-        "(negative Δ = better than the baseline; p-value of a paired t-test over blocks).",
+        "(negative Δ = better than the baseline; p-value of a paired t-test over blocks; per-block "
+        "differences are averaged over seeds first).",
         "views.per_sparsity(R);\ndisplay(views.comparisons_table(R))",
     )
 

@@ -95,7 +95,11 @@ def execute_notebook(nb, cwd: str | Path, timeout: int = 600) -> list[str]:
         km = KernelManager(kernel_name=KERNEL, transport="ipc", ip=str(Path(sockets) / "kernel"))
         client = NotebookClient(nb, km=km, timeout=timeout, kernel_name=KERNEL, allow_errors=True,
                                 resources={"metadata": {"path": str(cwd)}})
-        client.execute()
+        try:
+            client.execute()
+        finally:  # the client does not own a kernel manager it was given: stop the kernel here
+            if km.has_kernel:
+                km.shutdown_kernel(now=False)
     return [c.get("id", "?") for c in nb.cells if c.cell_type == "code"
             and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
 

@@ -94,19 +94,24 @@ def comparisons_table(results: Results):
     """Each config vs BASELINE-TEAL, paired over seeds and eval blocks (from analysis/comparisons.json)."""
     import pandas as pd
 
+    def num(v, digits=4):
+        return "-" if v is None else f"{v:.{digits}f}"
+
     rows = []
     for c in results.comparisons.get("comparisons", []):
         seeds = c["ppl_diff_over_seeds"]
         blocks = c.get("nll_diff_over_blocks") or {}
+        same = c.get("same_sparsified_sites")
         rows.append({
             "sparsity": c["sparsity"], "config": c["config"], "seeds": len(c["seeds"]),
-            "ΔPPL vs baseline (mean)": seeds["mean"], "ΔPPL std": seeds["std"],
-            "ΔNLL/token over blocks": blocks.get("mean"),
-            "block 95% CI": (None if blocks.get("ci_low") is None
-                             else f"[{blocks['ci_low']:.4f}, {blocks['ci_high']:.4f}]"),
-            "p (paired t, blocks)": blocks.get("p_value"),
-            "blocks better": blocks.get("fraction_blocks_better"),
+            "ΔPPL (mean)": num(seeds["mean"], 3), "ΔPPL std": num(seeds["std"], 3),
+            "ΔNLL/token (blocks)": num(blocks.get("mean")),
+            "95% CI (blocks)": ("-" if blocks.get("ci_low") is None
+                                else f"[{blocks['ci_low']:.4f}, {blocks['ci_high']:.4f}]"),
+            "p (paired t)": "-" if blocks.get("p_value") is None else f"{blocks['p_value']:.2g}",
+            "blocks better": num(blocks.get("fraction_blocks_better"), 2),
             "eval blocks": blocks.get("n"),
+            "same sparsified sites": {True: "yes", False: "no (own TEAL differs)", None: "?"}[same],
         })
     return pd.DataFrame(rows).set_index(["sparsity", "config"]) if rows else pd.DataFrame()
 
@@ -129,12 +134,13 @@ def ppl_bars(results: Results):
         sub = df[df["sparsity"] == s]
         sns.barplot(data=sub, x="config", y="ppl", order=[c for c in _config_order(results) if c in set(sub.config)],
                     errorbar="sd", ax=ax, color=sns.color_palette()[0])
+        order = [c for c in _config_order(results) if c in set(sub.config)]
+        teal = sub.groupby("config")["sparse_ppl"].mean().reindex(order)
+        ax.scatter(range(len(order)), teal.values, marker="_", s=900, color="C3", zorder=3,
+                   label="TEAL, same sparsified sites")
         ax.axhline(sub["dense_ppl"].mean(), ls="--", color="k", lw=1, label="dense")
-        base = sub[sub["config"] == BASELINE]["ppl"]
-        if len(base):
-            ax.axhline(base.mean(), ls=":", color="C3", lw=1.2, label=BASELINE)
-        lo = min(sub["dense_ppl"].min(), sub["ppl"].min())
-        ax.set_ylim(lo * 0.97, sub["ppl"].max() * 1.02)
+        lo = min(sub["dense_ppl"].min(), sub["ppl"].min(), sub["sparse_ppl"].min())
+        ax.set_ylim(lo * 0.97, max(sub["ppl"].max(), sub["sparse_ppl"].max()) * 1.02)
         ax.set_title(f"sparsity {s:g}")
         ax.set_xlabel("")
         ax.set_ylabel("perplexity (lower is better)")
@@ -158,6 +164,10 @@ def damage_recovered(results: Results):
     sns.barplot(data=df, x="config", y="damage recovered (%)", hue="sparsity", errorbar="sd", ax=ax,
                 order=[c for c in _config_order(results) if c != BASELINE])
     ax.axhline(0, color="k", lw=0.8)
+    order = [c for c in _config_order(results) if c != BASELINE]
+    for i, c in enumerate(order):
+        if df[df["config"] == c]["damage_recovered"].isna().all():
+            ax.text(i, 0, "n/a: TEAL did not\nraise PPL", ha="center", va="bottom", fontsize=7)
     ax.set_xlabel("")
     ax.tick_params(axis="x", rotation=45)
     for label in ax.get_xticklabels():
@@ -225,16 +235,44 @@ def training_curves(results: Results):
 
 
 def per_sparsity(results: Results):
-    """PPL against sparsity for each config (mean over seeds), with dense PPL for reference."""
+    """Left: PPL against sparsity per config (needs two or more levels). Right: per eval block, the NLL
+    difference to BASELINE-TEAL (same seed, same block; below 0 = better), one box per config and sparsity."""
     import matplotlib.pyplot as plt
+    import pandas as pd
     import seaborn as sns
 
     df = results.records_frame()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    sns.lineplot(data=df, x="sparsity", y="ppl", hue="config", marker="o", errorbar="sd", ax=ax,
-                 hue_order=_config_order(results))
-    ax.axhline(df["dense_ppl"].mean(), ls="--", color="k", lw=1, label="dense")
-    ax.set_xticks(sorted(df["sparsity"].unique()))
-    ax.set_ylabel("perplexity")
-    ax.legend(fontsize=7)
+    levels = sorted(df["sparsity"].unique())
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), width_ratios=[1, 1.4])
+    ax = axes[0]
+    if len(levels) > 1:
+        sns.lineplot(data=df, x="sparsity", y="ppl", hue="config", marker="o", errorbar="sd", ax=ax,
+                     hue_order=_config_order(results))
+        ax.axhline(df["dense_ppl"].mean(), ls="--", color="k", lw=1, label="dense")
+        ax.set_xticks(levels)
+        ax.set_ylabel("perplexity")
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, f"one sparsity level ({levels[0]:g}) in this run:\nPPL vs sparsity needs two or more",
+                ha="center", va="center", fontsize=9)
+        ax.axis("off")
+    base = {(r["sparsity"], r["seed"]): (r.get("block_nll") or {}).get("spon") for r in results.records
+            if r["config"] == BASELINE}
+    rows = []
+    for r in results.records:
+        b = base.get((r["sparsity"], r["seed"]))
+        mine = (r.get("block_nll") or {}).get("spon")
+        if r["config"] == BASELINE or not b or not mine or len(b) != len(mine):
+            continue
+        rows += [{"config": r["config"], "sparsity": f"{r['sparsity']:g}", "ΔNLL vs BASELINE-TEAL": x - y}
+                 for x, y in zip(mine, b, strict=True)]
+    ax = axes[1]
+    if rows:
+        sns.boxplot(data=pd.DataFrame(rows), x="config", y="ΔNLL vs BASELINE-TEAL", hue="sparsity", ax=ax,
+                    order=[c for c in _config_order(results) if c != BASELINE], fliersize=2)
+        ax.axhline(0, color="k", lw=0.8)
+        ax.set_xlabel("")
+        ax.tick_params(axis="x", rotation=30)
+    else:
+        ax.axis("off")
     return _save(results, fig, "per_sparsity")
