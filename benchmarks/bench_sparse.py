@@ -5,7 +5,7 @@ Llama of its exact shape (30 layers, hidden 576, MLP 1536, 9 heads / 3 KV heads,
 Batch 4 x 256 tokens on CPU. Configurations are timed in interleaved rounds and the median per
 configuration is reported, so load from other processes affects all of them alike.
 
-    python benchmarks/bench_sparse.py [--rounds 7] [--model random|smollm2-135m]
+    python benchmarks/bench_sparse.py [--rounds 7] [--model random|smollm2-135m] [--threads N]
 """
 
 from __future__ import annotations
@@ -65,7 +65,11 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
     ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch intra-op threads (default: torch's choice); 1 gives steadier ratios on a busy machine")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model, label = load(args.model)
     g = torch.Generator().manual_seed(0)

@@ -146,7 +146,8 @@ def collect_site_inputs(
     """Flattened input values of each site over ``batches`` (dense forward), optionally ``transform``-ed.
 
     With ``max_samples``, each site keeps a seeded uniform sample of about that many values
-    (all values when they fit).
+    (all values when they fit). Sites fed the same tensor (q/k/v, gate/up) get the same sample, so
+    statistics derived from it (e.g. thresholds) are identical across them.
     """
     sitemap = sitemap or SiteMap(model)
     sites = sitemap.resolve(sites)
@@ -156,18 +157,23 @@ def collect_site_inputs(
     n_tokens = sum(b.numel() for b in batches)
     gen = torch.Generator().manual_seed(seed)
     chunks: dict[str, list[torch.Tensor]] = {s: [] for s in sites}
+    last: list = [None, None]  # the input tensor seen last and the sample taken from it
 
     def make_hook(site: str, width: int):
         keep_prob = 1.0 if max_samples is None else min(1.0, max_samples / (n_tokens * width))
 
         def pre_hook(module, args):
+            if args[0] is last[0]:
+                chunks[site].append(last[1])
+                return
             x = args[0].detach().reshape(-1)
             if transform is not None:
                 x = transform(x)
             if keep_prob < 1.0:
                 mask = torch.rand(x.numel(), generator=gen) < keep_prob
                 x = x[mask.to(x.device)]
-            chunks[site].append(x.float().cpu())
+            last[:] = [args[0], x.float().cpu()]
+            chunks[site].append(last[1])
 
         return pre_hook
 
@@ -184,6 +190,7 @@ def collect_site_inputs(
         for h in handles:
             h.remove()
         model.train(was_training)
+        last[:] = [None, None]
     return {s: torch.cat(chunks[s]) for s in sites}
 
 

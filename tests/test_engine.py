@@ -262,3 +262,25 @@ def test_seed_hook_api_matches_engine(tiny_model, tiny_ids):
 def test_seed_hook_api_rejects_bad_sparsity(tiny_model):
     with pytest.raises(ConfigError):
         register_sparsification_hooks(tiny_model, 1.5)
+
+
+def test_sites_sharing_an_input_share_calibration_and_are_sparsified_once(tiny_model, tiny_ids, monkeypatch):
+    """q/k/v get one sample (even when subsampled), hence one threshold and one sparsify call."""
+    import spon_toolkit.sparsifiers as sparsifiers
+
+    sp = ThresholdSparsifier(0.5, max_samples=100)
+    sp.calibrate(tiny_model, "layers.0", [tiny_ids])
+    t = sp.thresholds
+    assert t["layers.0.q_proj"] == t["layers.0.k_proj"] == t["layers.0.v_proj"] != t["layers.0.o_proj"]
+    assert t["layers.0.gate_proj"] == t["layers.0.up_proj"]
+    calls = []
+    real = sparsifiers.threshold_sparsify
+
+    def counting(x, threshold):
+        calls.append(threshold)
+        return real(x, threshold)
+
+    monkeypatch.setattr(sparsifiers, "threshold_sparsify", counting)
+    with sparsified(tiny_model, sp, "layers.0"):
+        logits(tiny_model, tiny_ids)
+    assert len(calls) == 4  # one per distinct input: q/k/v, o, gate/up, down
