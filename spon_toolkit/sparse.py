@@ -68,17 +68,19 @@ class SparsifierHooks(HookGroup):
         self.record = record
         self.zeros: dict[str, int] = dict.fromkeys(sites, 0) if record else {}
         self.total: dict[str, int] = dict.fromkeys(sites, 0) if record else {}
-        self._memo: dict[Callable, tuple[torch.Tensor, int, torch.Tensor]] = {}
+        self._memo: tuple[Callable, torch.Tensor, int, torch.Tensor] | None = None
 
     def _sparsify(self, fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         # Inference-mode tensors have no version counter (and cannot be changed in place outside it).
         version = -1 if x.is_inference() else x._version
-        hit = self._memo.get(fn)
-        if hit is not None and hit[0] is x and hit[1] == version:
-            return hit[2]
+        memo = self._memo
+        if memo is not None and memo[0] is fn and memo[1] is x and memo[2] == version:
+            return memo[3]
         out = fn(x)
-        # A strong reference to x keeps its storage alive, so "is" cannot match a recycled tensor.
-        self._memo[fn] = (x, version, out)
+        # One entry only: q/k/v (and gate/up) are called back to back on the same tensor, and a single
+        # entry keeps at most one extra activation alive. The strong reference to x keeps its storage
+        # alive, so "is" cannot match a recycled tensor.
+        self._memo = (fn, x, version, out)
         return out
 
     def make_hook(self, site: str, fn: Callable[[torch.Tensor], torch.Tensor]):
@@ -95,10 +97,10 @@ class SparsifierHooks(HookGroup):
 
     def remove(self) -> None:
         super().remove()
-        self._memo.clear()
+        self._memo = None
 
     def clear_cache(self) -> None:
-        self._memo.clear()
+        self._memo = None
 
     def achieved_sparsity(self) -> dict[str, float]:
         """Fraction of zeros in the sparsified inputs seen so far, per site (needs ``record=True``)."""
