@@ -138,6 +138,8 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     _THREADS[0] = torch.get_num_threads()
+    # Memory first, while this process is still small: a child's max RSS starts from its parent's.
+    memory = {} if args.no_memory else _measure_memory(args.dtype)
 
     model, ids, sm = _setup(args.dtype)
     with sm.dense():
@@ -156,8 +158,7 @@ def main() -> None:
         "ratio_cached_step_vs_dense": step_cached / dense,
         "dense_tokens_per_s": BATCH * BLOCK / dense,
     }
-    if not args.no_memory:
-        result.update(_measure_memory(args.dtype))
+    result.update(memory)
     print(json.dumps(result, indent=2))
 
 
