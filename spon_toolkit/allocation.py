@@ -36,6 +36,7 @@ import torch.nn as nn
 
 from .errors import ConfigError, PluginError, SponError
 from .sites import MODULES, SiteMap, parse_site
+from .sparsifiers import check_unit_interval
 
 PARAMETRISATIONS = ("output", "input")
 
@@ -47,12 +48,7 @@ SCORE_METHODS = ("sensitivity", "shapley", "cornerstone")
 
 def check_fraction(value: Any, what: str = "fraction") -> float:
     """``value`` as a float in [0, 1], or a one-line :class:`ConfigError`."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{what} must be a number in [0, 1], got {value!r}")
-    value = float(value)
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{what} must be in [0, 1] (a fraction of the layers), got {value}")
-    return value
+    return check_unit_interval(value, what, "a fraction of the layers")
 
 
 def layer_count(fraction: float, n_layers: int) -> int:

@@ -24,14 +24,22 @@ from .errors import ConfigError, SponError
 SparsitySpec = float | Mapping[str, float]
 
 
-def check_sparsity(value: Any, where: str = "sparsity") -> float:
-    """Return ``value`` as a float in [0, 1] or raise a one-line :class:`ConfigError`."""
+def check_unit_interval(value: Any, what: str, meaning: str) -> float:
+    """Return ``value`` as a float in [0, 1] or raise a one-line :class:`ConfigError`.
+
+    ``what`` names the value, ``meaning`` says what the fraction is of (shown in the error).
+    """
     if isinstance(value, bool) or not isinstance(value, Real):
-        raise ConfigError(f"{where} must be a number in [0, 1], got {value!r}")
+        raise ConfigError(f"{what} must be a number in [0, 1], got {value!r}")
     value = float(value)
     if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ConfigError(f"{where} must be in [0, 1] (fraction of entries zeroed), got {value}")
+        raise ConfigError(f"{what} must be in [0, 1] ({meaning}), got {value}")
     return value
+
+
+def check_sparsity(value: Any, where: str = "sparsity") -> float:
+    """Return ``value`` as a float in [0, 1] or raise a one-line :class:`ConfigError`."""
+    return check_unit_interval(value, where, "fraction of entries zeroed")
 
 
 def kept_count(d: int, sparsity: float) -> int:
