@@ -4,9 +4,17 @@ model (smollm2-135m, converted once from its PyPI wheel and cached)."""
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 import torch
+from hypothesis import settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# No example database and no hypothesis cache in the checkout: tests leave no files outside temp dirs.
+set_hypothesis_home_dir(tempfile.mkdtemp(prefix="spon-hypothesis-"))
+settings.register_profile("spon", database=None, derandomize=True)
+settings.load_profile("spon")
 
 # Tests never load plugins from the environment or the working directory by accident.
 os.environ.setdefault("SPON_DISABLE_PLUGIN_AUTOLOAD", "1")
