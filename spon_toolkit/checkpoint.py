@@ -20,11 +20,9 @@ one-line :class:`CheckpointError`.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_path
 from .errors import ConfigError, SponError
 from .sites import SiteMap
 
@@ -77,17 +76,9 @@ def restore_sparsifier_state(state: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path`` (same directory)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path`` (see :mod:`spon_toolkit.atomic`)."""
+    with atomic_path(path) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def model_metadata(model: nn.Module, sitemap: SiteMap | None = None) -> dict[str, Any]:

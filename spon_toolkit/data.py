@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .atomic import atomic_path
 from .errors import ConfigError, SponError, unknown
 
 log = logging.getLogger(__name__)
@@ -338,10 +339,8 @@ def _load_cached(path: Path) -> tuple[torch.Tensor, dict[str, str]] | None:
 def _save_cached(path: Path, ids: torch.Tensor, meta: dict[str, str]) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    save_file({"ids": ids.to(torch.int32).contiguous()}, str(tmp), metadata=meta)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({"ids": ids.to(torch.int32).contiguous()}, tmp, metadata=meta)
 
 
 def make_blocks(

@@ -37,7 +37,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -48,6 +47,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from .atomic import atomic_write_text
 from .errors import ConfigError, PluginError
 from .sites import SiteMap, parse_site, site_name
 from .sparse import attach_sparsifier, iter_input_ids
@@ -705,22 +705,5 @@ def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsif
     return result
 
 
-def write_text_atomically(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, then rename: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-
-
 def _atomic_write_json(path: Path, data: Any) -> None:
-    write_text_atomically(path, json.dumps(_jsonable(data), indent=1))
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=1))

@@ -29,13 +29,13 @@ import io
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .atomic import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from .errors import ConfigError
 
 BASELINE = "BASELINE-TEAL"
@@ -49,26 +49,6 @@ RECORD_COLUMNS = (
 
 
 # --- atomic writes ------------------------------------------------------------------------------------
-
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the new one, never a partial one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
-
 
 def _json_default(obj: Any) -> Any:
     if hasattr(obj, "tolist"):

@@ -34,7 +34,6 @@ import csv
 import dataclasses
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -44,6 +43,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .atomic import atomic_path
 from .errors import ConfigError, SponError
 from .losses import DEFAULT_CHUNK_SIZE, chunked_divergence, hidden_mse
 from .sparse import SparseModel, SponBiases, iter_input_ids, model_device
@@ -154,20 +154,11 @@ class TrainResult:
 
 
 def _write_csv_atomic(path: str | os.PathLike, rows: Sequence[dict[str, float]]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
-            writer.writeheader()
-            for row in rows:
-                writer.writerow({k: row.get(k) for k in METRIC_FIELDS})
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row.get(k) for k in METRIC_FIELDS})
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str, min_ratio: float) -> float:

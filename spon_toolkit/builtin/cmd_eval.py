@@ -8,7 +8,6 @@ split), never on the evaluation text.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +58,9 @@ def _row(result, label: str, sparsity: Any, sites: str, dense_ppl: float | None)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    os.replace(tmp, path)
+    from spon_toolkit.atomic import atomic_write_text
+
+    atomic_write_text(path, json.dumps(payload, indent=2))
 
 
 def run(args, toolkit) -> int:

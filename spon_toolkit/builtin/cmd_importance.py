@@ -86,11 +86,11 @@ def _check_output(path: Path, n_layers: int | None = None):
 def write_overrides(path: Path, payload: dict[str, Any]) -> None:
     import yaml
 
-    from spon_toolkit.importance import write_text_atomically
+    from spon_toolkit.atomic import atomic_write_text
 
     header = ("# Written by `spon importance`: layer-importance scores and the layers each data-driven\n"
               "# allocation picks from them. Read by spon_toolkit.allocation.load_overrides.\n")
-    write_text_atomically(path, header + yaml.safe_dump(payload, sort_keys=False, default_flow_style=None, width=110))
+    atomic_write_text(path, header + yaml.safe_dump(payload, sort_keys=False, default_flow_style=None, width=110))
 
 
 def run(args, toolkit) -> int:
