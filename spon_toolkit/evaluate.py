@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from .errors import ConfigError
 from .models import context_length, dtype_name, model_fingerprint, model_name
 from .sites import MODULES, SiteMap, parse_site, site_name
-from .sparse import SparseModel, SponBiases, model_device
+from .sparse import SparseModel, SponBiases, batch_parts, model_device
 from .sparsifiers import MagnitudeSparsifier, Sparsifier
 
 
@@ -53,16 +53,6 @@ class PerplexityResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-def _batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if isinstance(batch, Mapping):
-        return batch["input_ids"], batch.get("attention_mask")
-    if isinstance(batch, (tuple, list)):
-        batch = batch[0]
-    if not isinstance(batch, torch.Tensor):
-        raise ConfigError(f"a batch must be a tensor of token ids or a dict with 'input_ids', got {type(batch).__name__}")
-    return batch, None
 
 
 def _n_batches(batches: Any) -> int | None:
@@ -97,13 +87,13 @@ def block_nlls(
                disable=None if progress is None else not progress)
     try:
         for batch in bar:
-            ids, mask = _batch_parts(batch)
-            ids = (ids if ids.dim() == 2 else ids.unsqueeze(0)).to(device)
+            ids, mask = batch_parts(batch)
+            ids = ids.to(device)
             if ids.shape[1] < 2:
                 raise ConfigError("a sequence needs at least 2 tokens to predict one; use a block size >= 2")
             kwargs = {}
             if mask is not None:
-                mask = (mask if mask.dim() == 2 else mask.unsqueeze(0)).to(device)
+                mask = mask.to(device)
                 kwargs["attention_mask"] = mask
             logits = model(input_ids=ids, **kwargs).logits[:, :-1].float()
             targets = ids[:, 1:]

@@ -30,16 +30,25 @@ def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def batch_parts(batch: Any) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(input_ids, attention_mask or None)`` of a batch: a tensor, a dict with ``input_ids`` (and
+    optionally ``attention_mask``), or a tuple/list whose first item is the ids. Both come back 2-D."""
+    mask = None
+    if isinstance(batch, Mapping):
+        batch, mask = batch["input_ids"], batch.get("attention_mask")
+    elif isinstance(batch, (tuple, list)):
+        batch = batch[0]
+    if not isinstance(batch, torch.Tensor):
+        raise ConfigError(f"a batch must be a tensor of token ids or a dict with 'input_ids', got {type(batch).__name__}")
+    if mask is not None and mask.dim() == 1:
+        mask = mask.unsqueeze(0)
+    return (batch if batch.dim() == 2 else batch.unsqueeze(0)), mask
+
+
 def iter_input_ids(batches: Iterable) -> Iterator[torch.Tensor]:
-    """Yield ``input_ids`` from batches that are tensors, dicts with ``input_ids`` or tuples/lists."""
+    """Yield the 2-D ``input_ids`` of each batch (see :func:`batch_parts`)."""
     for batch in batches:
-        if isinstance(batch, Mapping):
-            batch = batch["input_ids"]
-        elif isinstance(batch, (tuple, list)):
-            batch = batch[0]
-        if not isinstance(batch, torch.Tensor):
-            raise ConfigError(f"a batch must be a tensor of token ids or a dict with 'input_ids', got {type(batch).__name__}")
-        yield batch if batch.dim() == 2 else batch.unsqueeze(0)
+        yield batch_parts(batch)[0]
 
 
 class HookGroup:
