@@ -248,6 +248,26 @@ class AllocationPlan:
         return text + "".join(f"; {n}" for n in self.notes)
 
 
+def check_allocation_options(toolkit, name: str, options: Mapping[str, Any]) -> None:
+    """Bind ``options`` against the strategy's signature, before any model work (lists what it takes)."""
+    entry = toolkit.allocations.entry(name)
+    who = f"allocation '{name}' (plugin '{entry.plugin}')"
+    try:
+        signature = inspect.signature(entry.factory)
+    except (TypeError, ValueError):  # some callables have no introspectable signature
+        return
+    try:
+        signature.bind(None, **options)
+    except TypeError as exc:
+        accepted = [p for p in list(signature.parameters)[1:] if signature.parameters[p].kind
+                    in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        raise ConfigError(f"{who} does not take options {sorted(options)} ({exc}); "
+                          f"its options: {', '.join(accepted) or 'none'}") from None
+    if options.get("sparsify") == "biased" and name == "BASELINE-TEAL":
+        raise ConfigError(f"{who} with sparsify: biased sparsifies no site (it biases none), so its numbers "
+                          f"would be the dense model's; drop the option")
+
+
 def allocate(toolkit, name: str, context: AllocationContext, **options: Any) -> AllocationPlan:
     """Run the allocation strategy ``name`` on ``context`` and validate what it returns.
 
@@ -256,18 +276,7 @@ def allocate(toolkit, name: str, context: AllocationContext, **options: Any) -> 
     """
     entry = toolkit.allocations.entry(name)
     who = f"allocation '{name}' (plugin '{entry.plugin}')"
-    try:
-        signature = inspect.signature(entry.factory)
-    except (TypeError, ValueError):  # some callables have no introspectable signature
-        signature = None
-    if signature is not None:
-        try:
-            signature.bind(context, **options)
-        except TypeError as exc:
-            accepted = [p for p in list(signature.parameters)[1:] if signature.parameters[p].kind
-                        in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-            raise ConfigError(f"{who} does not take options {sorted(options)} ({exc}); "
-                              f"its options: {', '.join(accepted) or 'none'}") from None
+    check_allocation_options(toolkit, name, options)
     try:
         result = entry.factory(context, **options)
     except SponError as exc:
@@ -286,6 +295,9 @@ def allocate(toolkit, name: str, context: AllocationContext, **options: Any) -> 
         biased_result = result
     biased = _validated_sites(biased_result, context, who, "biased")
     sparse = context.sparse_sites if sparse_result is None else _validated_sites(sparse_result, context, who, "sparse")
+    if not sparse:
+        raise ConfigError(f"{who} sparsifies no site (options {dict(options)}), so its numbers would be the dense "
+                          f"model's; keep at least one sparsified site (e.g. drop sparsify: biased)")
     order = {s: i for i, s in enumerate(context.site_shapes)}
     biased = tuple(sorted(biased, key=order.__getitem__))
     sparse = tuple(sorted(sparse, key=order.__getitem__))

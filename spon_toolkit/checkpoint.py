@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from .atomic import atomic_path
+from .contracts import build_sparsifier
 from .errors import ConfigError, SponError
 from .sites import SiteMap
 
@@ -230,7 +231,7 @@ class Checkpoint:
 
             toolkit = default_toolkit()
         state = restore_sparsifier_state(info["state"])
-        sp = toolkit.sparsifiers.get(info["name"])(state["sparsity"])
+        sp = build_sparsifier(toolkit, info["name"], state["sparsity"])
         sp.load_state_dict(state)
         return sp
 

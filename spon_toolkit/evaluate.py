@@ -171,6 +171,11 @@ def evaluate_perplexity(
         protocol["text_source"] = "batches given by the caller"
     if sparsifier is not None and sites is None:
         sites = "down_proj"
+    if sparsifier is not None and not isinstance(sites, str):
+        sites = list(sites)
+        if not sites:
+            raise ConfigError("a sparsifier was given with an empty site list, so nothing would be sparsified; "
+                              "name the sites (e.g. 'down_proj') or pass no sparsifier for dense numbers")
 
     dtype = next(model.parameters()).dtype
     protocol.update({

@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import ConfigError, UnknownNameError, suggest
@@ -68,6 +67,15 @@ class ModelSpec(_Strict):
     @classmethod
     def _from_string(cls, value: Any) -> Any:
         return {"loader": value} if isinstance(value, str) else value
+
+    @field_validator("options")
+    @classmethod
+    def _remote_code_is_a_real_boolean(cls, value: dict[str, Any]) -> dict[str, Any]:
+        flag = value.get("trust_remote_code", False)
+        if not isinstance(flag, bool):
+            raise ValueError(f"options.trust_remote_code must be the boolean true or false, got {flag!r}; "
+                             f"the model's own code runs only for a real true")
+        return value
 
 
 class DataSpec(_Strict):
@@ -130,10 +138,10 @@ class ExperimentSpec(_Strict):
     data: DataSpec = Field(default_factory=DataSpec)
     sparsifier: SparsifierSpec = Field(default_factory=SparsifierSpec)
     sites: str | list[str] = "down_proj"
-    sparsity: list[Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]] = Field(min_length=1)
+    sparsity: list[Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False, strict=True)]] = Field(min_length=1)
     allocations: list[AllocationSpec] = Field(min_length=1)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
-    seeds: list[int] = Field(default_factory=lambda: [0], min_length=1)
+    seeds: list[Annotated[int, Field(strict=True)]] = Field(default_factory=lambda: [0], min_length=1)
     analyzers: list[AnalyzerSpec] = Field(default_factory=list)
     importance: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: an override file written by `spon importance -o` (relative to the spec file): layers for the
@@ -141,6 +149,14 @@ class ExperimentSpec(_Strict):
     data_driven_overrides: str | None = None
     report: bool = True
     expect: list[str] = Field(default_factory=list)
+
+    @field_validator("sites")
+    @classmethod
+    def _sites_not_empty(cls, value: str | list[str]) -> str | list[str]:
+        if not value or (isinstance(value, list) and not all(v.strip() for v in value)):
+            raise ValueError("names no site, so nothing would be sparsified; give a site spec such as "
+                             "down_proj, mlp, all or layers.0-9.down_proj")
+        return value
 
     @field_validator("sparsity", mode="before")
     @classmethod
@@ -399,6 +415,36 @@ class Experiment:
                 return it
         raise KeyError((config, sparsity, seed))
 
+    def check(self, toolkit) -> None:
+        """Everything that can be checked before any model work: plugin names, then the options of the
+        sparsifier (at every sparsity), the trainer, each allocation and each analyzer, bound against
+        what the plugins accept. Raises a one-line error naming the file and key."""
+        self.check_names(toolkit)
+        self.check_options(toolkit)
+
+    def check_options(self, toolkit) -> None:
+        from .allocation import check_allocation_options
+        from .contracts import build_sparsifier, build_trainer
+        from .errors import SponError
+
+        spec = self.spec
+
+        def at(key: str, fn, *args) -> None:
+            try:
+                fn(*args)
+            except SponError as exc:
+                raise type(exc)(f"{self.path}: key '{key}': {exc}") from exc
+
+        for s in spec.sparsity:
+            at("sparsifier", build_sparsifier, toolkit, spec.sparsifier.name, s, spec.sparsifier.options)
+        for seed in spec.seeds:
+            at("trainer", build_trainer, toolkit, spec.trainer.name,
+               {"progress": False, **spec.trainer.options, "seed": seed})
+        for i, a in enumerate(spec.allocations):
+            at(f"allocations[{i}]", check_allocation_options, toolkit, a.name, a.options)
+        for i, a in enumerate(spec.analyzers):
+            at(f"analyzers[{i}]", check_analyzer_options, toolkit, a.name, a.options)
+
     def check_names(self, toolkit) -> None:
         """Check plugin names against ``toolkit``; raises a one-line error naming file and key."""
         spec = self.spec
@@ -417,22 +463,37 @@ class Experiment:
                 )
 
 
+def check_analyzer_options(toolkit, name: str, options: dict[str, Any]) -> None:
+    """Bind ``options`` against the analyzer's ``analyze(run, **options)`` signature (or its own ``check``)."""
+    import inspect
+
+    entry = toolkit.analyzers.entry(name)
+    check = entry.meta.get("check")
+    if callable(check):
+        from .contracts import call, who
+
+        call(who("analyzer", name, entry.plugin), check, **options)
+        return
+    try:
+        signature = inspect.signature(entry.factory)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, **options)
+    except TypeError as exc:
+        accepted = [p for p in list(signature.parameters)[1:]
+                    if signature.parameters[p].kind in (inspect.Parameter.KEYWORD_ONLY,
+                                                        inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+        raise ConfigError(f"analyzer '{name}' (plugin '{entry.plugin}') does not take options {sorted(options)} "
+                          f"({exc}); its options: {', '.join(accepted) or 'none'}") from None
+
+
 def load_experiment(path: str | Path, toolkit=None) -> Experiment:
     """Read and validate an experiment YAML file (``yaml.safe_load``); with ``toolkit``, check names too."""
+    from .fileio import load_yaml
+
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: experiment file not found") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read experiment file ({exc.strerror})") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    data = load_yaml(path, "experiment file")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: an experiment file must be a YAML mapping with keys such as model, sparsity, "
                           f"allocations; got {type(data).__name__}")
@@ -442,7 +503,7 @@ def load_experiment(path: str | Path, toolkit=None) -> Experiment:
         raise ConfigError(_format_validation_error(str(path), exc, ExperimentSpec)) from None
     experiment = Experiment(path, spec)
     if toolkit is not None:
-        experiment.check_names(toolkit)
+        experiment.check(toolkit)
     return experiment
 
 

@@ -29,6 +29,7 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import _jsonable, restore_sparsifier_state
+from .contracts import build_sparsifier
 from .errors import ConfigError, SponError
 from .sites import ATTN_MODULES, MLP_MODULES, parse_site
 
@@ -198,7 +199,7 @@ def load_exported(path: str | os.PathLike, *, dtype: torch.dtype | str | None = 
 
             toolkit = default_toolkit()
         state = restore_sparsifier_state(doc["sparsifier"]["state"])
-        sparsifier = toolkit.sparsifiers.get(doc["sparsifier"]["name"])(state["sparsity"])
+        sparsifier = build_sparsifier(toolkit, doc["sparsifier"]["name"], state["sparsity"])
         sparsifier.load_state_dict(state)
     sm = SparseModel(model, sparsifier, doc.get("sparse_sites") or ())
     return sm, tokenizer

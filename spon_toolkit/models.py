@@ -176,7 +176,10 @@ def load_hf(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
-    kwargs = dict(trust_remote_code=bool(trust_remote_code), revision=revision, **options)
+    if not isinstance(trust_remote_code, bool):
+        raise ConfigError(f"trust_remote_code must be the boolean true or false, got {trust_remote_code!r} "
+                          f"({type(trust_remote_code).__name__}); remote code runs only for a real true")
+    kwargs = dict(trust_remote_code=trust_remote_code, revision=revision, **options)
     is_dir = Path(name_or_path).expanduser().is_dir()
     path = str(Path(name_or_path).expanduser()) if is_dir else name_or_path
     if is_dir or local_files_only:
@@ -485,4 +488,7 @@ def load_model(
         loader = loaders.get("hf")
     else:
         raise unknown("model (loader name, local directory or hub id org/name)", name, loaders.names())
-    return loader(name, dtype=dtype, device=device, **options)
+    from .contracts import call, check_loaded
+
+    label = next((f"model loader '{e.name}' (plugin '{e.plugin}')" for e in loaders if e.factory is loader), "model loader")
+    return check_loaded(call(label, loader, name, dtype=dtype, device=device, **options), label)

@@ -190,7 +190,14 @@ class Toolkit:
             hook = getattr(self.pm.hook, hook_name)
             # pluggy returns implementations in call order reversed; keep load order (plugins dir first).
             for impl in hook.get_hookimpls():
-                impl.function(register=registry.binder(impl.plugin_name))
+                try:
+                    impl.function(register=registry.binder(impl.plugin_name))
+                except PluginError:
+                    raise
+                except Exception as exc:  # a broken plugin is named, not a traceback
+                    raise PluginError(
+                        f"plugin '{impl.plugin_name}' failed in {hook_name}: {type(exc).__name__}: {exc}; "
+                        f"fix it or block it with {ENV_BLOCK}={impl.plugin_name}") from exc
             cache[kind] = registry
         return cache[kind]
 

@@ -28,6 +28,7 @@ import csv
 import io
 import json
 import math
+import re
 import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -88,14 +89,44 @@ def _fmt(v: Any) -> Any:
     return "" if v is None else v
 
 
-def read_json(path: Path, what: str = "file") -> Any:
-    """Read a JSON file; a missing or broken file is a one-line :class:`ConfigError` naming it."""
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: missing {what}; is this a results directory written by 'spon run'?") from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+def read_json(path: Path, what: str = "file") -> dict[str, Any]:
+    """Read a JSON object; a missing, broken or wrongly shaped file is a one-line :class:`ConfigError`."""
+    from .fileio import load_json_object
+
+    if not Path(path).exists():
+        raise ConfigError(f"{path}: missing {what}; is this a results directory written by 'spon run'?")
+    return load_json_object(path, what)
+
+
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+
+
+def check_name(name: Any, what: str, where: Path | str) -> str:
+    """A name read from data that becomes a file or directory name: one path component, no '..'."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise ConfigError(f"{where}: {what} {name!r} is not a safe file name (letters, digits, _ . - only); "
+                          f"it would name a file outside its directory; fix or delete the file")
+    return name
+
+
+def check_record(item_id: str, record: Any, where: Path | str) -> dict[str, Any]:
+    """A finished item read back from disk: the shape and the ranges the toolkit writes (PPL >= 1, finite).
+
+    An edited or corrupted record is refused rather than resumed and reported."""
+    if not isinstance(record, dict):
+        raise ConfigError(f"{where}: the record of '{item_id}' is a {type(record).__name__}, not an object; "
+                          f"delete it (the item re-runs) or start with --fresh")
+    for key in ("dense_ppl", "sparse_ppl", "ppl"):
+        value = record.get(key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 1):
+            raise ConfigError(f"{where}: the record of '{item_id}' has {key}={value!r}, but a perplexity is a "
+                              f"finite number >= 1; the file was edited or corrupted: delete that record (the "
+                              f"item re-runs) or start with --fresh")
+    sparsity = record.get("sparsity")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity <= 1:
+        raise ConfigError(f"{where}: the record of '{item_id}' has sparsity={sparsity!r} (must be in [0, 1]); "
+                          f"delete that record or start with --fresh")
+    return record
 
 
 # --- statistics ---------------------------------------------------------------------------------------
@@ -367,7 +398,7 @@ class ExperimentManager:
 
     def __init__(self, output_dir: str | os.PathLike, experiment: str):
         self.output_dir = Path(output_dir)
-        self.experiment = experiment
+        self.experiment = check_name(experiment, "experiment name", output_dir)
         self.experiment_dir = self.output_dir / experiment
         self.run: RunState | None = None
 
@@ -401,9 +432,9 @@ class ExperimentManager:
             cfg = run_dir / "config.json"
             if cfg.is_file():
                 try:
-                    if json.loads(cfg.read_text()).get("spec_hash") == spec_hash:
+                    if read_json(cfg, "run config").get("spec_hash") == spec_hash:
                         return run_dir
-                except json.JSONDecodeError:
+                except ConfigError:  # a broken run directory is not resumed; a new run starts beside it
                     continue
         return None
 
@@ -415,7 +446,8 @@ class ExperimentManager:
         if existing is not None:
             state = RunState(existing, read_json(existing / "config.json", "run config"), resumed=True)
             if (existing / "results.json").is_file():
-                state.results = read_json(existing / "results.json", "run results")
+                path = existing / "results.json"
+                state.results = {k: check_record(k, v, path) for k, v in read_json(path, "run results").items()}
             if (existing / "logs.json").is_file():
                 state.logs = read_json(existing / "logs.json", "run logs")
         else:
@@ -437,7 +469,7 @@ class ExperimentManager:
 
     def _write_metadata(self, extra: Mapping[str, Any]) -> None:
         path = self.experiment_dir / "metadata.json"
-        meta = json.loads(path.read_text()) if path.is_file() else {}
+        meta = read_json(path, "metadata") if path.is_file() else {}
         runs = sorted(p.name for p in self.runs_dir.glob("run_*")) if self.runs_dir.is_dir() else []
         meta.update({"experiment": self.experiment, **extra, "runs": runs, "latest_run": self.run_dir.name,
                      "environment": _environment()})
@@ -573,12 +605,15 @@ def load_results(experiment_dir: str | os.PathLike) -> Results:
     latest = metadata.get("latest_run")
     if not latest:
         raise ConfigError(f"{d / 'metadata.json'}: key 'latest_run' is missing; re-run 'spon run'")
+    check_name(latest, "key 'latest_run'", d / "metadata.json")
+    check_name(metadata.get("experiment", d.name), "key 'experiment'", d / "metadata.json")
     run_dir = d / "runs" / latest
     for rel in ("config.json", "results.json", "logs.json"):
         if not (run_dir / rel).is_file() and rel != "logs.json":
             raise ConfigError(f"{run_dir / rel}: missing file '{rel}' of run '{latest}' (named by key "
                               "'latest_run' in metadata.json)")
-    results = read_json(run_dir / "results.json", "run results")
+    results = {k: check_record(k, v, run_dir / "results.json")
+               for k, v in read_json(run_dir / "results.json", "run results").items()}
     logs = read_json(run_dir / "logs.json", "run logs") if (run_dir / "logs.json").is_file() else {}
     return Results(
         experiment_dir=d, metadata=metadata, run_dir=run_dir, config=read_json(run_dir / "config.json"),

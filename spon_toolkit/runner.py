@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .contracts import build_sparsifier, build_trainer, run_analyzer, run_trainer
 from .errors import ConfigError, SponError
 from .experiment import Experiment, Item, keyword_matcher, load_experiment
 from .results import ExperimentManager
@@ -202,7 +203,8 @@ class ExperimentRunner:
     def _evaluate(self, sparsifier=None, sites: Sequence[str] = (), biases=None, desc: str = "") -> EvalResult:
         from .evaluate import evaluate_perplexity
 
-        r = evaluate_perplexity(self._model, self._data.eval, sparsifier=sparsifier, sites=list(sites) or None,
+        r = evaluate_perplexity(self._model, self._data.eval, sparsifier=sparsifier,
+                                sites=None if sparsifier is None else list(sites),
                                 biases=biases, batch_size=self.experiment.spec.data.batch_size,
                                 progress=self.progress, sitemap=self._sitemap, desc=desc or None)
         return EvalResult(float(r.perplexity), [float(x) for x in r.block_nlls], dict(r.protocol),
@@ -217,7 +219,7 @@ class ExperimentRunner:
         """The experiment's sparsifier at ``sparsity``, calibrated once on the calibration blocks."""
         if sparsity not in self._sparsifiers:
             spec = self.experiment.spec
-            sp = self.toolkit.sparsifiers.get(spec.sparsifier.name)(sparsity, **spec.sparsifier.options)
+            sp = build_sparsifier(self.toolkit, spec.sparsifier.name, sparsity, spec.sparsifier.options)
             sp.calibrate(self._model, self._sitemap.resolve(spec.sites), self._batches(self._data.calibration),
                          sitemap=self._sitemap)
             self._sparsifiers[sparsity] = sp
@@ -306,10 +308,10 @@ class ExperimentRunner:
                     sm = SparseModel(model, sparsifier, list(plan.sparse_sites), biases=biases, sitemap=sitemap)
                     options = {"progress": bool(self.progress) if self.progress is not None else True,
                                **spec.trainer.options, "seed": item.seed}
-                    trainer = self.toolkit.trainers.get(spec.trainer.name)(**options)
+                    trainer = build_trainer(self.toolkit, spec.trainer.name, options)
                     torch.manual_seed(item.seed)
-                    result = trainer.train(sm, self._batches(self._data.train),
-                                           calibration_batches=self._batches(self._data.calibration))
+                    result = run_trainer(trainer, sm, self._batches(self._data.train),
+                                         calibration_batches=self._batches(self._data.calibration))
                     history = [{k: float(v) for k, v in m.items()} for m in result.metrics]
                     train_info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
                                   "mean_loss": result.mean_loss, "objective": result.objective,
@@ -363,7 +365,7 @@ class ExperimentRunner:
                               sparsifier=sparsifier, plan=plan, biases=biases, data=self._data,
                               run_dir=self.manager.run_dir,
                               figures_dir=self.manager.run_dir / "figures")
-            out[spec.name] = self.toolkit.analyzers.get(spec.name)(run, **spec.options)
+            out[spec.name] = run_analyzer(self.toolkit, spec.name, run, spec.options)
         return out
 
     def _needs(self, entry, item: Item) -> list[str]:

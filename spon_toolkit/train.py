@@ -32,6 +32,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
+import functools
 import math
 import os
 import time
@@ -42,8 +43,10 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+from pydantic import ValidationError
 
 from .atomic import atomic_path
+from .contracts import build_sparsifier, build_trainer, run_trainer
 from .errors import ConfigError, SponError
 from .losses import DEFAULT_CHUNK_SIZE, chunked_divergence, hidden_mse
 from .sparse import SparseModel, SponBiases, iter_input_ids, model_device
@@ -118,19 +121,58 @@ class TrainOptions:
             raise ConfigError(f"autocast must be auto, bf16 or off, got '{self.autocast}'")
         if self.teacher_cache_mb < 0:
             raise ConfigError(f"teacher_cache_mb must be >= 0, got {self.teacher_cache_mb}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise ConfigError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError(f"betas must be two numbers in [0, 1) (Adam's decay rates), got {list(self.betas)}")
+        if not math.isfinite(self.init_scale):
+            raise ConfigError(f"init_scale must be a finite number, got {self.init_scale}")
+        if self.init_batches is not None and self.init_batches < 1:
+            raise ConfigError(f"init_batches must be >= 1 (or None for all), got {self.init_batches}")
+        if self.seed < 0:
+            raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
+        for name in ("warmup_ratio", "min_lr_ratio", "temperature", "teacher_cache_mb"):
+            if not math.isfinite(getattr(self, name)):
+                raise ConfigError(f"{name} must be a finite number, got {getattr(self, name)}")
 
     @classmethod
     def from_options(cls, options: dict[str, Any]) -> TrainOptions:
+        """Options checked by type (strictly: ``epochs: 2.7``, ``lr: "abc"`` or ``progress: "no"`` are errors)
+        and by range, one line per problem, before any model work."""
         names = {f.name for f in dataclasses.fields(cls)}
         bad = sorted(set(options) - names)
         if bad:
             raise ConfigError(f"unknown trainer option(s) {', '.join(bad)}; valid: {', '.join(sorted(names))}")
+        options = dict(options)
+        if isinstance(options.get("betas"), list):
+            options["betas"] = tuple(options["betas"])
+        adapters = _option_adapters()
+        for key, value in options.items():
+            try:
+                adapters[key].validate_python(value)
+            except ValidationError as exc:
+                want = exc.errors()[0]["msg"].removeprefix("Input should be ")
+                if want.startswith("Field required"):
+                    want = "a list of the documented length"
+                raise ConfigError(f"trainer option '{key}' should be {want}, got {value!r} "
+                                  f"({type(value).__name__})") from None
         return cls(**options)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["betas"] = list(self.betas)
         return d
+
+
+@functools.cache
+def _option_adapters() -> dict[str, Any]:
+    """One strict type check per :class:`TrainOptions` field (ints are not fractions, strings not numbers)."""
+    import typing
+
+    from pydantic import ConfigDict, TypeAdapter
+
+    hints = typing.get_type_hints(TrainOptions)
+    return {f.name: TypeAdapter(hints[f.name], config=ConfigDict(strict=True)) for f in dataclasses.fields(TrainOptions)}
 
 
 @dataclass
@@ -642,11 +684,11 @@ class SPONTrainer:
             p.requires_grad_(False)
         self.sitemap = SiteMap(model)
         self.sparse_sites = self.sitemap.resolve(list(config.modules))
-        self.sparsifier = toolkit.sparsifiers.get(self.args.sparsifier)(sparsity)
+        self.sparsifier = build_sparsifier(toolkit, self.args.sparsifier, sparsity)
         bias_sites = self.sitemap.resolve(config.bias_sites()) if config.layer_mask else []
         self.biases = SponBiases(model, bias_sites, sitemap=self.sitemap)
         self.spon_params: list[nn.Parameter] = list(self.biases.params.values())
-        self.trainer = toolkit.trainers.get(self.args.distillation_loss)(**self.args.trainer_options())
+        self.trainer = build_trainer(toolkit, self.args.distillation_loss, self.args.trainer_options())
         self.result: TrainResult | None = None
 
     @property
@@ -659,7 +701,7 @@ class SPONTrainer:
             self.sparsifier.calibrate(self.model, self.sparse_sites, dataloader, sitemap=self.sitemap)
         sm = SparseModel(self.model, self.sparsifier, self.sparse_sites, biases=self.biases, sitemap=self.sitemap)
         try:
-            self.result = self.trainer.train(sm, dataloader)
+            self.result = run_trainer(self.trainer, sm, dataloader)
         finally:
             sm.detach()
         return self.result.to_dict()

@@ -64,6 +64,7 @@ def _write_json(path: Path, payload: dict[str, Any]) -> None:
 
 
 def run(args, toolkit) -> int:
+    from spon_toolkit.contracts import build_sparsifier
     from spon_toolkit.data import check_block_size, load_blocks
     from spon_toolkit.errors import ConfigError
     from spon_toolkit.evaluate import evaluate_perplexity
@@ -73,7 +74,8 @@ def run(args, toolkit) -> int:
 
     # Validate what needs no model first, so mistakes fail in a second.
     sparsities = [check_sparsity(s, "--sparsity") for s in args.sparsity]
-    factory = toolkit.sparsifiers.get(args.sparsifier)
+    for sparsity in sparsities:  # every level and option checked before the model loads
+        build_sparsifier(toolkit, args.sparsifier, sparsity)
     check_block_size(args.block_size)
     for flag, value, low in (("--max-blocks", args.max_blocks, 0), ("--batch-size", args.batch_size, 1),
                              ("--calib-blocks", args.calib_blocks, 1)):
@@ -97,7 +99,7 @@ def run(args, toolkit) -> int:
     dense = evaluate_perplexity(model, blocks, batch_size=args.batch_size, sitemap=sitemap, desc="dense")
     results.append(_row(dense, "dense", None, "-", None))
     for sparsity in sparsities:
-        sparsifier = factory(sparsity)
+        sparsifier = build_sparsifier(toolkit, args.sparsifier, sparsity)
         row_extra: dict[str, Any] = {}
         if getattr(sparsifier, "needs_calibration", False):
             if calib is None:

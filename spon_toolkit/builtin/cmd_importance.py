@@ -13,6 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from spon_toolkit.contracts import build_sparsifier
 from spon_toolkit.hookspecs import hookimpl
 
 ALLOCATION_OF = {"sensitivity": "CRITICAL-ONLY", "shapley": "SHAPLEY-GUIDED", "cornerstone": "CORNERSTONE"}
@@ -115,7 +116,7 @@ def run(args, toolkit) -> int:
     options = method_options(args)
     sparsifier = None
     if options.get("ablation", "remove") == "sparsify":
-        sparsifier = toolkit.sparsifiers.get(args.sparsifier)(check_sparsity(args.sparsity, "--sparsity"))
+        sparsifier = build_sparsifier(toolkit, args.sparsifier, check_sparsity(args.sparsity, "--sparsity"))
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, toolkit=toolkit)
     sitemap = SiteMap(model, toolkit.architectures)

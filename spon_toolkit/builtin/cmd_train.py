@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from spon_toolkit.contracts import build_sparsifier, build_trainer, run_trainer
 from spon_toolkit.hookspecs import hookimpl
 
 
@@ -96,8 +97,8 @@ def run_train(args, toolkit) -> int:
 
     # Everything checkable without the model first, so mistakes fail in a second.
     sparsity = check_sparsity(args.sparsity, "--sparsity")
-    sparsifier = toolkit.sparsifiers.get(args.sparsifier)(sparsity)
-    trainer = toolkit.trainers.get(args.trainer)(**_trainer_options(args))
+    sparsifier = build_sparsifier(toolkit, args.sparsifier, sparsity)
+    trainer = build_trainer(toolkit, args.trainer, _trainer_options(args))
     check_block_size(args.block_size)
     for flag, value, low in (("--train-blocks", args.train_blocks, 1), ("--eval-blocks", args.eval_blocks, 0),
                              ("--batch-size", args.batch_size, 1)):
@@ -134,7 +135,7 @@ def run_train(args, toolkit) -> int:
     sparse = ppl("sparse", sparsifier=sparsifier, sites=sparse_sites)
     biases = SponBiases(model, bias_sites, parametrisation=args.parametrisation, sitemap=sitemap)
     with SparseModel(model, sparsifier, sparse_sites, biases=biases, sitemap=sitemap) as sm:
-        result = trainer.train(sm, list(train.batches(args.batch_size)))
+        result = run_trainer(trainer, sm, list(train.batches(args.batch_size)))
     spon = ppl("sparse+SPON", sparsifier=sparsifier, sites=sparse_sites, biases=biases)
     recovered = damage_recovered(dense.perplexity, sparse.perplexity, spon.perplexity)
 
