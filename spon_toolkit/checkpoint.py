@@ -276,9 +276,40 @@ def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
         meta = json.loads(header[METADATA_KEY])
     except json.JSONDecodeError as exc:
         raise CheckpointError(f"checkpoint '{path}' has corrupt metadata JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint '{path}' has metadata of type {type(meta).__name__}, not an object")
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint '{path}' has format {meta.get('format')!r}; this toolkit reads {FORMAT}")
     missing = [s for s in meta.get("sites", []) if s not in tensors]
     if missing:
         raise CheckpointError(f"checkpoint '{path}' lacks tensors for sites {missing[:3]}")
+    _check_consistent(path, tensors, meta)
     return Checkpoint(path, tensors, meta)
+
+
+def _check_consistent(path: Path, tensors: Mapping[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    """Refuse a checkpoint whose parts contradict each other: site names that are not sites, non-finite
+    biases, or a recorded sparsity that is not the sparsifier state's."""
+    from .sites import parse_site
+
+    where = f"checkpoint '{path}'"
+    sites = meta.get("sites", [])
+    if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
+        raise CheckpointError(f"{where}: metadata key 'sites' must be a list of site names")
+    for site in [*sites, *(meta.get("sparse_sites") or [])]:
+        try:
+            parse_site(site)
+        except SponError as exc:
+            raise CheckpointError(f"{where}: {exc}") from None
+    for site in sites:
+        if not bool(torch.isfinite(tensors[site]).all()):
+            raise CheckpointError(f"{where}: the bias of {site} holds NaN or inf values; retrain it")
+    info = meta.get("sparsifier")
+    if info is not None:
+        if not isinstance(info, dict) or not isinstance(info.get("state"), dict):
+            raise CheckpointError(f"{where}: metadata key 'sparsifier' must be an object with a 'state'")
+        state = restore_sparsifier_state(info["state"])
+        if meta.get("sparsity") is not None and _jsonable(state.get("sparsity")) != meta.get("sparsity"):
+            raise CheckpointError(
+                f"{where}: its metadata says sparsity {meta.get('sparsity')}, but its sparsifier state was "
+                f"calibrated for {_jsonable(state.get('sparsity'))}; the file was edited or corrupted")

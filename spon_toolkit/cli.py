@@ -53,11 +53,17 @@ def main(argv: list[str] | None = None) -> int:
     except SponError as exc:
         if os.environ.get("SPON_DEBUG"):
             raise
-        print(f"error: {exc}", file=sys.stderr)
+        print("error: " + " ".join(str(exc).split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug, not bad input: still one line, with the way to the traceback
+        if os.environ.get("SPON_DEBUG"):
+            raise
+        print(f"error: internal error {type(exc).__name__}: {' '.join(str(exc).split())[:300]} "
+              f"(run again with SPON_DEBUG=1 for the traceback and report it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

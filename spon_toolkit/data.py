@@ -270,18 +270,29 @@ class TokenBlocks:
         return TokenBlocks(self.ids[index], self.source, self.split, self.text_sha256, self.tokenizer,
                            self.n_tokens, self.documents, selection)
 
+    def _all_of(self, asked: int) -> TokenBlocks:
+        """Fewer blocks than asked for: use them all, and say so (protocol + a logged warning)."""
+        note = f"all {len(self)} ({asked} asked; the text has only {len(self)})"
+        log.warning("%s [%s]: %d blocks of %d tokens asked, the text has %d; using all %d",
+                    self.source, self.split, asked, self.block_size, len(self), len(self))
+        return self._subset(torch.arange(len(self)), note)
+
     def head(self, n: int | None) -> TokenBlocks:
-        """The first ``n`` blocks (all when ``n`` is None or larger)."""
-        if n is None or n >= len(self):
+        """The first ``n`` blocks (all when ``n`` is None or larger: then the protocol and a warning say so)."""
+        if n is None or n == len(self):
             return self
+        if n > len(self):
+            return self._all_of(n)
         if n < 1:
             raise ConfigError(f"number of blocks must be >= 1, got {n}")
         return self._subset(torch.arange(n), f"first {n} of {len(self)}")
 
     def sample(self, n: int, seed: int = 0) -> TokenBlocks:
         """``n`` blocks drawn without replacement with a seeded generator, kept in text order."""
-        if n >= len(self):
+        if n == len(self):
             return self
+        if n > len(self):
+            return self._all_of(n)
         if n < 1:
             raise ConfigError(f"number of blocks must be >= 1, got {n}")
         g = torch.Generator().manual_seed(seed)

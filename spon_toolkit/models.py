@@ -15,6 +15,7 @@ directory appears only once complete (written to a temporary directory, then ren
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -157,6 +158,19 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+@contextlib.contextmanager
+def _quiet_transformers():
+    """transformers' loading reports (tables of mismatched keys) would bury the one-line error."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
 def load_hf(
     name_or_path: str,
     *,
@@ -179,7 +193,9 @@ def load_hf(
     if not isinstance(trust_remote_code, bool):
         raise ConfigError(f"trust_remote_code must be the boolean true or false, got {trust_remote_code!r} "
                           f"({type(trust_remote_code).__name__}); remote code runs only for a real true")
-    kwargs = dict(trust_remote_code=trust_remote_code, revision=revision, **options)
+    # Weights are read from safetensors only: a pickled .bin is never unpickled (transformers' own guard
+    # would refuse most payloads, but not loading pickle at all is the simpler promise).
+    kwargs = dict(trust_remote_code=trust_remote_code, revision=revision, use_safetensors=True, **options)
     is_dir = Path(name_or_path).expanduser().is_dir()
     path = str(Path(name_or_path).expanduser()) if is_dir else name_or_path
     if is_dir or local_files_only:
@@ -189,13 +205,24 @@ def load_hf(
     else:
         attempts = [False]
     last: Exception | None = None
+    tok_kwargs = {k: v for k, v in kwargs.items() if k != "use_safetensors"}
     for local in attempts:
         try:
-            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, **kwargs)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local, **kwargs)
+            with _quiet_transformers():
+                tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local, **tok_kwargs)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype, local_files_only=local,
+                                                             **kwargs)
             break
         except (OSError, ValueError) as exc:  # transformers reports missing files / no network as OSError
             last = exc
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:  # truncated weights, a config that contradicts them, a malformed config
+            detail = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+            if "ignore_mismatched_sizes" in detail or "size mismatch" in detail:
+                detail = "config.json contradicts the weights' shapes"
+            raise SponError(f"cannot load model '{name_or_path}': {type(exc).__name__}: {detail}; check that "
+                            f"config.json and model.safetensors belong together and are complete") from exc
     else:
         where = "the directory has no loadable model" if is_dir else (
             "it is not in the local Hugging Face cache and the hub is unreachable"
@@ -440,6 +467,15 @@ def load_tiny_random(
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
+    for key, value in {"seed": seed, **options}.items():
+        low = 0 if key == "seed" else 1
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"tiny-random option '{key}' must be an integer >= {low}, got {value!r}")
+    heads, kv = options.get("num_heads", 4), options.get("num_kv_heads", 2)
+    if options.get("hidden_size", 64) % heads or heads % kv:
+        raise ConfigError(f"tiny-random: hidden_size must be a multiple of num_heads and num_heads of "
+                          f"num_kv_heads (got hidden_size={options.get('hidden_size', 64)}, num_heads={heads}, "
+                          f"num_kv_heads={kv})")
     try:
         model = make_tiny_llama(seed=int(seed), vocab_size=256, dtype=torch_dtype, **options)
     except TypeError as exc:

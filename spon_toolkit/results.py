@@ -24,12 +24,14 @@ equal those of an uninterrupted run.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import math
-import re
 import os
+import re
+import sys
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -346,6 +348,16 @@ def _environment() -> dict[str, Any]:
     return env
 
 
+def check_output_file(path: str | os.PathLike, key: str = "--output") -> Path:
+    """A file the command will write at the end: checked now (not a directory, under a writable directory,
+    not under a regular file), so a bad path fails in a second rather than after the work."""
+    path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: {key} is a directory; give a file name inside it")
+    check_output_dir(path.parent if str(path.parent) else ".", key, create=False)
+    return path
+
+
 def check_output_dir(output_dir: str | os.PathLike, key: str = "--output-dir", *, create: bool = True) -> Path:
     """Make sure ``output_dir`` is (or can become) a writable directory; one-line error otherwise.
 
@@ -401,6 +413,7 @@ class ExperimentManager:
         self.experiment = check_name(experiment, "experiment name", output_dir)
         self.experiment_dir = self.output_dir / experiment
         self.run: RunState | None = None
+        self._lock = None
 
     # layout
     @property
@@ -438,10 +451,59 @@ class ExperimentManager:
                     continue
         return None
 
+    # one writer per experiment directory
+    def acquire(self) -> None:
+        """Take the experiment directory's lock (``.lock``; released when the process ends, even by kill -9).
+
+        A second process on the same directory refuses with one line naming the holder, instead of racing
+        on ``results.json``. Leftover temporary files of interrupted atomic writes are removed once the
+        lock is held (no other writer can own them)."""
+        import getpass
+        import socket
+
+        from filelock import FileLock, Timeout
+
+        if self._lock is not None:
+            return
+        check_output_dir(self.output_dir)
+        self.experiment_dir.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(self.experiment_dir / ".lock"))
+        owner = self.experiment_dir / ".lock.owner"
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            try:
+                who = json.loads(owner.read_text())
+                holder = (f"pid {who.get('pid')} on {who.get('host')} (user {who.get('user')}, since "
+                          f"{who.get('since')}, {who.get('command')})")
+            except (OSError, ValueError, AttributeError):
+                holder = "another process"
+            raise ConfigError(f"{self.experiment_dir}: in use by {holder}; wait for it to finish or pass "
+                              f"another --output-dir") from None
+        self._lock = lock
+        try:
+            user = getpass.getuser()
+        except (KeyError, OSError):
+            user = "?"
+        atomic_write_text(owner, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "user": user,
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv[:3])}))
+        for tmp in self.experiment_dir.rglob(".*.tmp"):
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def release(self) -> None:
+        if self._lock is not None:
+            with contextlib.suppress(OSError):
+                (self.experiment_dir / ".lock.owner").unlink()
+            self._lock.release()
+            self._lock = None
+
     def start_run(self, spec_hash: str, config: Mapping[str, Any], item_ids: Sequence[str], *,
                   resume: bool = True, metadata: Mapping[str, Any] | None = None) -> RunState:
         """Continue the latest run with the same ``spec_hash`` (``resume=True``) or create a new one."""
-        check_output_dir(self.output_dir)
+        self.acquire()
+        self._check_same_spec_file((metadata or {}).get("spec_file"))
         existing = self._latest_run(spec_hash) if resume else None
         if existing is not None:
             state = RunState(existing, read_json(existing / "config.json", "run config"), resumed=True)
@@ -466,6 +528,18 @@ class ExperimentManager:
         self._write_metadata(metadata or {})
         self._write_run_files()
         return state
+
+    def _check_same_spec_file(self, spec_file: str | None) -> None:
+        """Two spec files with one ``name:`` would overwrite each other's aggregated files: refuse."""
+        path = self.experiment_dir / "metadata.json"
+        if spec_file is None or not path.is_file():
+            return
+        previous = read_json(path, "metadata").get("spec_file")
+        if not previous or previous == spec_file or not Path(previous).is_file():
+            return
+        if Path(previous).resolve() != Path(spec_file).resolve():
+            raise ConfigError(f"{spec_file}: experiment name '{self.experiment}' is already used by {previous} in "
+                              f"{self.output_dir}; give one of them another 'name:' or pass another --output-dir")
 
     def _write_metadata(self, extra: Mapping[str, Any]) -> None:
         path = self.experiment_dir / "metadata.json"

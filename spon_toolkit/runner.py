@@ -158,6 +158,23 @@ class ExperimentRunner:
             timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - t0
 
     # --- shared, computed once ---------------------------------------------------------------------
+    def prepare(self) -> None:
+        """Load the model and the token blocks, before any run directory is written.
+
+        A failure here concerns every item, so it is raised once as a one-line :class:`SponError`
+        naming the spec instead of being recorded per item."""
+        from .errors import SponError
+
+        try:
+            self._load()
+        except SponError as exc:
+            raise type(exc)(f"{self.experiment.path}: {exc}") from exc
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as exc:
+            raise SponError(f"{self.experiment.path}: the model or its data could not be loaded: "
+                            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") from exc
+
     def _load(self) -> None:
         if self._model is not None:
             return
@@ -167,8 +184,11 @@ class ExperimentRunner:
         spec = self.experiment.spec
         name = spec.model.loader if spec.model.path is None else f"{spec.model.loader}:{spec.model.path}"
         model, tokenizer = load_model(name, dtype=spec.model.dtype, toolkit=self.toolkit, **spec.model.options)
-        sitemap = SiteMap(model)
-        sitemap.resolve(spec.sites)  # a bad site spec fails in the load stage, naming the spec's key below
+        sitemap = SiteMap(model, self.toolkit.architectures)
+        if sitemap.n_layers == 0:
+            raise ConfigError("the model has no decoder layers, so there is nothing to sparsify")
+        if not sitemap.resolve(spec.sites):
+            raise ConfigError(f"key 'sites': {spec.sites!r} selects no site of this model")
         from .models import context_length
 
         self._data = self._load_data(tokenizer, context_length(model))
@@ -325,7 +345,9 @@ class ExperimentRunner:
                     ckpt = save_checkpoint(
                         self.manager.checkpoint_path(item_slug(item)), biases, model=model, sparsifier=sparsifier,
                         sparse_sites=plan.sparse_sites,
-                        training={"trainer": spec.trainer.name, **train_info},
+                        # no wall-clock times in the checkpoint: a re-run gives a byte-identical file
+                        training={"trainer": spec.trainer.name,
+                                  **{k: v for k, v in train_info.items() if k != "seconds"}},
                         data=self._data.protocol("train"),
                         metrics={"ppl": spon.ppl, "dense_ppl": dense.ppl, "sparse_ppl": teal.ppl},
                         extra={"item": item.id, "allocation": plan.as_dict()})
@@ -463,6 +485,7 @@ def run_experiment(experiment: Experiment, *, toolkit, output_dir: str | Path = 
     runner = ExperimentRunner(experiment, toolkit=toolkit, output_dir=output_dir, resume=resume, progress=progress)
     sweep = SweepResult(experiment, runner)
     items = select_items(experiment, keyword)
+    runner.prepare()  # a model or data problem is one error before any item, not one per item
     runner.start()
     for item in items:
         try:
@@ -479,7 +502,10 @@ def run_experiment(experiment: Experiment, *, toolkit, output_dir: str | Path = 
             sweep.errors.append(exc)
         if on_item is not None:
             on_item(item, outcome, err)
-    runner.finish()
+    try:
+        runner.finish()
+    finally:
+        runner.manager.release()
     return sweep
 
 

@@ -82,8 +82,10 @@ def run(args, toolkit) -> int:
         if value < low:
             raise ConfigError(f"{flag} must be >= {low}, got {value}")
     output = Path(args.output) if args.output else None
-    if output is not None and output.is_dir():
-        raise ConfigError(f"--output '{output}' is a directory; give a file name such as {output / 'eval.json'}")
+    if output is not None:
+        from spon_toolkit.results import check_output_file
+
+        check_output_file(output, "--output")
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, toolkit=toolkit)
     sitemap = SiteMap(model, toolkit.architectures)

@@ -74,12 +74,14 @@ def _check_output(path: Path, n_layers: int | None = None):
     """The existing override file to merge into (validated), or None."""
     from spon_toolkit.allocation import load_overrides
     from spon_toolkit.errors import ConfigError
+    from spon_toolkit.results import check_output_file
 
     if path.is_dir():
         raise ConfigError(f"output '{path}' is a directory; give a file name such as {path / 'overrides.yaml'}")
     if not path.exists():
         if not path.parent.exists():
             raise ConfigError(f"cannot write '{path}': directory '{path.parent}' does not exist")
+        check_output_file(path, "--output")
         return None
     return load_overrides(path, n_layers)
 

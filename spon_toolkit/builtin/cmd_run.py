@@ -71,11 +71,18 @@ def configure_run(parser):
 def run(args, toolkit) -> int:
     from tqdm.auto import tqdm
 
+    from spon_toolkit.errors import ConfigError
     from spon_toolkit.experiment import load_experiment
     from spon_toolkit.results import check_output_dir
     from spon_toolkit.runner import run_experiment, select_items
 
     experiments = [load_experiment(p, toolkit) for p in collect_paths(args.paths)]  # validate all first
+    names: dict[str, Path] = {}
+    for e in experiments:
+        if e.name in names:
+            raise ConfigError(f"{e.path} and {names[e.name]} both name the experiment '{e.name}', so their results "
+                              f"would overwrite each other; give one of them another 'name:'")
+        names[e.name] = e.path
     check_output_dir(args.output_dir, create=False)
     if not args.no_report and any(e.spec.report for e in experiments):
         check_output_dir(args.reports_dir, key="--reports-dir", create=False)  # fail now, not after hours

@@ -110,9 +110,11 @@ def run_train(args, toolkit) -> int:
         raise ConfigError("--sites selects no site; give e.g. --sites down_proj")
     if not bias_spec:
         raise ConfigError("--bias-sites is empty, so there is nothing to train; give e.g. --bias-sites down_proj")
+    from spon_toolkit.results import check_output_file
+
     for flag, path in (("--output", args.output), ("--json", args.json), ("--metrics-csv", args.metrics_csv)):
-        if path and Path(path).is_dir():
-            raise ConfigError(f"{flag} '{path}' is a directory; give a file name")
+        if path:
+            check_output_file(path, flag)
 
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device, toolkit=toolkit)
     sitemap = SiteMap(model, toolkit.architectures)
@@ -213,6 +215,9 @@ def run_export(args, toolkit) -> int:
     out = Path(args.output)
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not args.force:
         raise ConfigError(f"--output '{out}' exists and is not empty; choose another or pass --force")
+    from spon_toolkit.results import check_output_dir
+
+    check_output_dir(out, "--output", create=False)
     recorded = ckpt.metadata.get("model", {})
     name = args.model or recorded.get("name")
     if not name:

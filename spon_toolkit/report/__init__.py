@@ -13,6 +13,7 @@ HTML with nbconvert. Cells only read saved results (see :mod:`spon_toolkit.repor
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,24 @@ def build_notebook(results: Results, toolkit) -> Any:
     return nb
 
 
+def remove_stale_kernel_dirs() -> None:
+    """Remove ``spon-kernel-<pid>-*`` socket directories whose process no longer runs."""
+    import shutil
+    import tempfile
+
+    for d in Path(tempfile.gettempdir()).glob("spon-kernel-*"):
+        pid = d.name.removeprefix("spon-kernel-").split("-", 1)[0]
+        if not pid.isdigit():
+            shutil.rmtree(d, ignore_errors=True)  # an older layout without the owner's pid
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(d, ignore_errors=True)
+        except PermissionError:  # another user's live process
+            pass
+
+
 def execute_notebook(nb, cwd: str | Path, timeout: int = 600) -> list[str]:
     """Run every cell in a fresh kernel; returns the ids of cells that raised (their errors stay visible)."""
     import tempfile
@@ -91,7 +110,10 @@ def execute_notebook(nb, cwd: str | Path, timeout: int = 600) -> list[str]:
     from nbclient import NotebookClient
 
     # A local kernel over IPC sockets (in a private temporary directory) instead of TCP on localhost.
-    with tempfile.TemporaryDirectory(prefix="spon-kernel-") as sockets:
+    # The kernel exits when its parent dies (ipykernel polls JPY_PARENT_PID); the socket directory of a
+    # killed parent is removed here, by the next report built on this machine.
+    remove_stale_kernel_dirs()
+    with tempfile.TemporaryDirectory(prefix=f"spon-kernel-{os.getpid()}-") as sockets:
         km = KernelManager(kernel_name=KERNEL, transport="ipc", ip=str(Path(sockets) / "kernel"))
         client = NotebookClient(nb, km=km, timeout=timeout, kernel_name=KERNEL, allow_errors=True,
                                 resources={"metadata": {"path": str(cwd)}})
