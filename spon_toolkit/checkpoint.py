@@ -296,7 +296,7 @@ def _check_consistent(path: Path, tensors: Mapping[str, torch.Tensor], meta: dic
     sites = meta.get("sites", [])
     if not isinstance(sites, list) or not all(isinstance(s, str) for s in sites):
         raise CheckpointError(f"{where}: metadata key 'sites' must be a list of site names")
-    for site in [*sites, *(meta.get("sparse_sites") or [])]:
+    for site in sites:
         try:
             parse_site(site)
         except SponError as exc:

@@ -15,7 +15,7 @@ from spon_toolkit import (
     remove_hooks,
     sparsified,
 )
-from spon_toolkit.errors import ConfigError, UnknownNameError
+from spon_toolkit.errors import ConfigError, SponError, UnknownNameError
 from spon_toolkit.sparse import attach_sparsifier
 
 
@@ -150,7 +150,7 @@ def test_threshold_reports_achieved_sparsity_on_other_data(tiny_model, tiny_ids)
 
 def test_uncalibrated_threshold_fails_before_attaching(tiny_model, tiny_ids):
     dense = logits(tiny_model, tiny_ids)
-    with pytest.raises(Exception, match="not calibrated"):
+    with pytest.raises(SponError, match="not calibrated"):
         attach_sparsifier(tiny_model, ThresholdSparsifier(0.5), "all")
     assert torch.equal(logits(tiny_model, tiny_ids), dense)
 
@@ -238,7 +238,7 @@ def test_bias_tensors_roundtrip(tiny_model):
     b = SponBiases(tiny_model, "down_proj")
     b.load_tensors(a.tensors())
     assert all(torch.equal(a.param(s), b.param(s)) for s in a.sites)
-    with pytest.raises(Exception, match="lack sites"):
+    with pytest.raises(SponError, match="lack sites"):
         SponBiases(tiny_model, "all").load_tensors(a.tensors())
 
 

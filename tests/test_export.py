@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from spon_toolkit import SparseModel, SponBiases, ThresholdSparsifier
-from spon_toolkit.checkpoint import save_checkpoint
+from spon_toolkit.checkpoint import CheckpointError, save_checkpoint
 from spon_toolkit.errors import ConfigError
 from spon_toolkit.export import SPARSIFIER_FILE, export_checkpoint, export_model, load_exported
 from spon_toolkit.testing.tiny import make_tiny_llama
@@ -72,7 +72,7 @@ def test_export_from_checkpoint_and_refusals(tmp_path, tiny_ids):
     assert (out / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="not empty"):
         export_checkpoint(ckpt, fresh, tmp_path / "exp")
-    with pytest.raises(Exception, match="weights differ"):
+    with pytest.raises(CheckpointError, match="weights differ"):
         export_checkpoint(ckpt, make_tiny_llama(seed=3), tmp_path / "exp2")
     assert not (tmp_path / "exp2").exists()
     with pytest.raises(ConfigError, match="not a spon export"):

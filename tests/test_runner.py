@@ -10,6 +10,7 @@ import textwrap
 import pytest
 
 from spon_toolkit import cli
+from spon_toolkit.errors import UnknownNameError
 from spon_toolkit.experiment import load_experiment
 from spon_toolkit.plugins import Toolkit
 from spon_toolkit.runner import ExperimentRunner, StageError, run_experiment
@@ -213,6 +214,15 @@ def test_pytest_collects_experiments(pytester):
     assert "UNIF-ALL" in summary and "TOP-50" in summary and "BASELINE-TEAL" in summary
 
 
+def test_pytest_collects_an_explicit_spec_whatever_its_name(pytester):
+    write_spec(pytester.path, name="quick.yaml", replace={"seeds: [0, 1]": "seeds: [0]"})
+    (pytester.path / "other.yaml").write_text("not: a spec\n")
+    result = pytester.runpytest("--collect-only", "-q", "quick.yaml")
+    result.stdout.fnmatch_lines(["quick.yaml::UNIF-ALL[[]s=0.5,seed=0[]]", "3 tests collected*"])
+    result = pytester.runpytest("--collect-only", "-q", ".")  # inside a directory: exp_*.yaml only
+    assert "quick.yaml" not in result.stdout.str() and "other.yaml" not in result.stdout.str()
+
+
 def test_pytest_reports_spec_errors_at_collection(pytester):
     write_spec(pytester.path, name="exp_bad.yaml")
     bad = pytester.path / "exp_bad.yaml"
@@ -248,5 +258,5 @@ def test_analyzers_receive_the_trained_item(tmp_path):
     out = record["analyses"]["bias_norm"]
     assert out["item"] == "exp_tiny.yaml::UNIF-ALL[s=0.5,seed=0]" and out["figures_dir_exists"]
     assert out["sites"] == ["layers.0.down_proj", "layers.1.down_proj"] and out["total"] > 0
-    with pytest.raises(Exception, match="unknown analyzer 'bias_norm'"):
+    with pytest.raises(UnknownNameError, match="unknown analyzer 'bias_norm'"):
         load_experiment(path, Toolkit(load_entrypoints=False))

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from spon_toolkit import MagnitudeSparsifier, SparseModel, SponBiases
-from spon_toolkit.errors import ConfigError
+from spon_toolkit.errors import ConfigError, UnknownNameError
 from spon_toolkit.losses import kl_divergence
 from spon_toolkit.plugins import Toolkit
 from spon_toolkit.testing.tiny import make_tiny_llama
@@ -244,7 +244,7 @@ def test_seed_api_rejects_bad_args():
     model = make_tiny_llama(seed=0)
     with pytest.raises(ConfigError, match="learning rate"):
         SPONTrainer(model, SPONConfig("x", [0]), 0.5, TrainingArgs(learning_rate=0))
-    with pytest.raises(Exception, match="trainer 'ce'"):
+    with pytest.raises(UnknownNameError, match="trainer 'ce'"):
         SPONTrainer(model, SPONConfig("x", [0]), 0.5, TrainingArgs(distillation_loss="ce"))
     trainer = SPONTrainer(model, SPONConfig("none", []), 0.5, TrainingArgs(progress=False))
     with pytest.raises(ConfigError, match="no sites carry"):

@@ -52,7 +52,10 @@ _RUNNERS = pytest.StashKey[dict]()
 
 
 def pytest_collect_file(file_path, parent):
-    if file_path.suffix in (".yaml", ".yml") and file_path.name.startswith("exp_"):
+    # Like pytest with an explicit .py file: a spec named on the command line is collected whatever its
+    # name; inside directories only exp_*.yaml files are.
+    if file_path.suffix in (".yaml", ".yml") and (file_path.name.startswith("exp_")
+                                                    or parent.session.isinitpath(file_path)):
         return ExperimentFile.from_parent(parent, path=file_path)
     return None
 
