@@ -396,6 +396,9 @@ class RunState:
     resumed: bool = False
 
 
+_LOCKS: dict[str, Any] = {}  # experiment-directory lock path -> this process's FileLock
+
+
 class ExperimentManager:
     """Owns ``<output_dir>/<experiment>/``: run directories, per-item records, aggregation.
 
@@ -467,8 +470,15 @@ class ExperimentManager:
             return
         check_output_dir(self.output_dir)
         self.experiment_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.experiment_dir / ".lock"))
+        # one FileLock object per path in this process: managers of one process share it (filelock counts
+        # re-entries), other processes are excluded
+        key = str((self.experiment_dir / ".lock").resolve())
+        lock = _LOCKS.setdefault(key, FileLock(key))
         owner = self.experiment_dir / ".lock.owner"
+        if lock.is_locked:
+            lock.acquire(timeout=0)
+            self._lock = lock
+            return
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -494,9 +504,10 @@ class ExperimentManager:
 
     def release(self) -> None:
         if self._lock is not None:
-            with contextlib.suppress(OSError):
-                (self.experiment_dir / ".lock.owner").unlink()
             self._lock.release()
+            if not self._lock.is_locked:
+                with contextlib.suppress(OSError):
+                    (self.experiment_dir / ".lock.owner").unlink()
             self._lock = None
 
     def start_run(self, spec_hash: str, config: Mapping[str, Any], item_ids: Sequence[str], *,

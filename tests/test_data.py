@@ -217,7 +217,9 @@ def test_head_sample_and_batches(tmp_path, tok):
     batches = list(blocks.batches(16))
     assert [b.shape[0] for b in batches] == [16, 16, 8]
     assert torch.equal(torch.cat(batches), blocks.ids)
-    assert blocks.sample(100) is blocks and blocks.head(None) is blocks
+    assert blocks.head(None) is blocks and blocks.sample(len(blocks)) is blocks
+    more = blocks.sample(100)  # more than the text has: all of them, and the protocol says so
+    assert torch.equal(more.ids, blocks.ids) and more.protocol()["blocks"] == "all 40 (100 asked; the text has only 40)"
 
 
 def test_create_calibration_dataloader_is_seeded(tmp_path, tok):

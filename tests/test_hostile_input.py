@@ -403,17 +403,22 @@ def test_bad_plugin_answers_name_the_plugin(case, workdir, capsys):
 # --- concurrent writers and killed runs ------------------------------------------------------------------
 
 def test_second_writer_refuses_naming_the_holder(workdir, capsys):
-    from spon_toolkit.results import ExperimentManager
+    import subprocess
+    import sys
 
     (workdir / "exp.yaml").write_text(SPEC)
-    holder = ExperimentManager(workdir / "out", "exp")
-    holder.acquire()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from spon_toolkit.results import ExperimentManager; import sys, time; "
+         "m = ExperimentManager('out', 'exp'); m.acquire(); print('locked', flush=True); sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=workdir)
     try:
+        assert holder.stdout.readline().strip() == "locked"
         code, line = run_cli(capsys, "run", "exp.yaml", "--output-dir", "out")
-        assert_one_line_error(code, line, f"pid {os.getpid()}", "in use by")
+        assert_one_line_error(code, line, f"pid {holder.pid}", "in use by")
         assert not (workdir / "out" / "exp" / "runs").exists()
     finally:
-        holder.release()
+        holder.kill()  # like kill -9: the OS releases the lock
+        holder.wait()
     assert cli.main(["run", "exp.yaml", "--output-dir", "out"]) == 0
 
 
