@@ -337,15 +337,16 @@ class SparseDecoder:
                 f"threshold sparsifier is not calibrated for site '{missing[0]}' ({len(missing)} sites); "
                 "call calibrate() on calibration data first")
         betas = self._betas(biases)
-        params = list(model.parameters())
-        device = params[0].device if params else torch.device("cpu")
-        on_cpu = device.type == "cpu"
+        weights = [sitemap.module(s).weight for s in self.sites]
+        fits = [w.device.type == "cpu" and w.dtype in KERNEL_DTYPES for w in weights]
         if kernel is True:
             require_numba()
-            if not on_cpu:
-                raise ConfigError(f"the sparse decode kernel runs on CPU only; the model is on {device}. "
-                                  "Use kernel='auto' to fall back to the dense matmul on the sparsified input")
-        if kernel == "auto" and on_cpu:
+            if not all(fits):
+                bad = weights[fits.index(False)]
+                raise ConfigError(f"the sparse decode kernel needs float32 weights on CPU, got {bad.dtype} on "
+                                  f"{bad.device}; use kernel='auto' to fall back to the dense matmul on the "
+                                  "sparsified input there")
+        if kernel == "auto" and any(fits):
             require_numba()
         self.kernel = kernel
         self.max_kernel_tokens = max_kernel_tokens
@@ -454,12 +455,12 @@ def decode_mode(model: nn.Module, sparsifier: Sparsifier, sites: Iterable[str] |
 def weight_bytes_per_token(model: nn.Module, sitemap: SiteMap, sparsity_of: Mapping[str, float]) -> dict[str, float]:
     """Bytes of weights one decoded token reads: ``dense`` and ``sparse`` (sites in ``sparsity_of`` read a
     fraction ``1 - s`` of their weight), with the LM head counted dense and the embedding row ignored."""
+    if any(math.isnan(v) for v in sparsity_of.values()):
+        raise ConfigError("sparsity_of has NaN values; pass measured sparsities of sites that saw tokens")
     site_bytes = {s: sitemap.module(s).weight.numel() * sitemap.module(s).weight.element_size() for s in sitemap.names}
     head = model.get_output_embeddings()
     head_bytes = 0 if head is None else head.weight.numel() * head.weight.element_size()
     dense_sites = sum(site_bytes.values())
     sparse_sites = sum(b * (1 - sparsity_of.get(s, 0.0)) for s, b in site_bytes.items())
-    if any(math.isnan(v) for v in sparsity_of.values()):
-        raise ConfigError("sparsity_of has NaN values")
     return {"dense": float(dense_sites + head_bytes), "sparse": float(sparse_sites + head_bytes),
             "head": float(head_bytes), "sites_dense": float(dense_sites)}
