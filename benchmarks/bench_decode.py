@@ -10,8 +10,9 @@ the first and the last call of a logits processor (so the prompt's prefill is ex
 decode forwards. Configurations run in interleaved rounds (the order rotates each round) and the median
 per configuration is reported; the dense model is the baseline of the same run.
 
-Configurations: dense; for each sparsity in {0.5, 0.7} and each site set in {all seven modules, MLP
-only}: ``simulated`` (the pre-hook engine, :class:`spon_toolkit.sparse.SparseModel`, biases as hooks)
+Configurations: dense; dense in bfloat16 (a reference: what casting the model gives, the same weights
+rounded to bfloat16, so its tokens may differ); for each sparsity in {0.5, 0.7} and each site set in
+{all seven modules, MLP only}: ``simulated`` (the pre-hook engine, :class:`spon_toolkit.sparse.SparseModel`, biases as hooks)
 and ``kernel`` (:class:`spon_toolkit.decode.SparseDecoder`, biases folded). The generated tokens of the
 kernel model are compared with the simulated model's in every round.
 
@@ -79,6 +80,8 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                     help="model dtype (the kernel is float32 only: bfloat16 layers fall back to the dense matmul)")
     ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--no-bf16-reference", dest="bf16_reference", action="store_false",
+                    help="leave out the 'dense bfloat16' reference row (a second copy of the model in bfloat16)")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 16 tokens, 2 rounds")
     args = ap.parse_args()
     if args.quick:
@@ -108,7 +111,10 @@ def main() -> None:
     pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
     batches = list(calib.batches(4))
 
-    configs: dict[str, tuple] = {"dense": ("dense", None)}
+    configs: dict[str, tuple] = {"dense": ("dense", model)}
+    if args.bf16_reference and dtype != torch.bfloat16:
+        configs["dense bfloat16 (reference)"] = ("dense", load_model(args.model, dtype=torch.bfloat16,
+                                                                    device="cpu")[0].eval())
     sparse_objs = {}
     with torch.inference_mode():
         for s in SPARSITIES:
@@ -125,7 +131,7 @@ def main() -> None:
 
     def run(kind, obj):
         if kind == "dense":
-            return generate(model, prompt, args.tokens, pad)
+            return generate(obj, prompt, args.tokens, pad)
         if kind == "simulated":
             thr, spec, biases = sparse_objs[obj]
             with SparseModel(model, thr, spec, biases=biases, sitemap=sitemap):
@@ -170,6 +176,8 @@ def main() -> None:
         spread = f"{min(rates[name]):.1f}-{max(rates[name]):.1f}"
         if kind == "kernel":
             wb = weight_bytes_per_token(model, sitemap, achieved[_key_of(name)])
+        elif kind == "dense" and obj is not model:
+            wb = weight_bytes_per_token(obj, SiteMap(obj, toolkit.architectures), {})
         else:  # dense and simulated read every weight
             wb = weight_bytes_per_token(model, sitemap, {})
         same = ""
@@ -177,6 +185,9 @@ def main() -> None:
             sim = name.replace("kernel   ", "simulated")
             n_same = sum(torch.equal(a, b) for a, b in zip(outputs[name], outputs[sim], strict=True))
             same = f"{n_same}/{args.rounds} rounds" + (" (all identical)" if n_same == args.rounds else "")
+            diff = (outputs[name][0] != outputs[sim][0]).nonzero()
+            if len(diff):
+                same += f"; first differing token: {int(diff[0]) + 1} of {args.tokens}"
         print(f"{name:28s} {med:8.1f} {spread:>13s} {med / dense:8.2f}x {wb['sparse'] / 1e6:15.0f} MB "
               f"{wb['dense'] / wb['sparse']:5.2f}x  {same}")
     wb = weight_bytes_per_token(model, sitemap, {})

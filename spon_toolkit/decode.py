@@ -6,7 +6,10 @@ the weight *columns* of the kept inputs. :func:`sparse_linear` stores the weight
 (``W^T``, ``in_features x out_features``, C-contiguous), so a kept input ``i`` reads one contiguous row
 ``W^T[i]``; the threshold check, the gather of kept inputs and the row accumulation run in one compiled
 loop (numba), and no gathered copy of the weight is ever made. Rows are accumulated eight at a time
-(eight concurrent contiguous streams), which keeps the memory system busier than one row at a time.
+(eight concurrent contiguous streams), which keeps the memory system busier than one row at a time, but
+each output still sums the kept rows in input order with float32 rounding after every product and every
+addition, then adds the bias: bit for bit ``S(x) @ W^T + b`` as a sequential float32 loop computes it,
+whatever the thread count.
 
 :class:`SparseDecoder` swaps the sparsified sites' ``nn.Linear`` layers of a model for
 :class:`ThresholdSparseLinear` layers (threshold sparsifier, any of the seven modules) with the SPON
@@ -85,7 +88,9 @@ def _build_kernels() -> dict[str, Any]:
 
     @njit(**opts)
     def accumulate(idx, val, nnz, wt, lo, hi, acc):
-        """``acc[:] += sum_j val[j] * wt[idx[j], lo:hi]``, eight rows per pass."""
+        """``acc[o] = (((acc[o] + val[0] * wt[idx[0], o]) + val[1] * wt[idx[1], o]) + ...)`` for o in
+        [lo, hi): kept rows in input order, each product and sum rounded to float32 (no fused multiply-add),
+        the order in which ``S(x) @ W^T`` sums. Eight rows per pass: eight concurrent row streams."""
         n = hi - lo
         j = 0
         while j + 8 <= nnz:
@@ -95,8 +100,16 @@ def _build_kernels() -> dict[str, Any]:
             r4, r5, r6, r7 = (wt[idx[j + 4], lo:hi], wt[idx[j + 5], lo:hi], wt[idx[j + 6], lo:hi],
                               wt[idx[j + 7], lo:hi])
             for o in range(n):
-                acc[o] += ((v0 * r0[o] + v1 * r1[o]) + (v2 * r2[o] + v3 * r3[o])) + (
-                    (v4 * r4[o] + v5 * r5[o]) + (v6 * r6[o] + v7 * r7[o]))
+                a = acc[o]
+                a += v0 * r0[o]
+                a += v1 * r1[o]
+                a += v2 * r2[o]
+                a += v3 * r3[o]
+                a += v4 * r4[o]
+                a += v5 * r5[o]
+                a += v6 * r6[o]
+                a += v7 * r7[o]
+                acc[o] = a
             j += 8
         while j < nnz:
             v = val[j]
@@ -115,8 +128,10 @@ def _build_kernels() -> dict[str, Any]:
         for r in range(n_tok):
             nnz = select(x[r], t, idx, val)
             acc = out[r]
-            acc[:] = bias
+            acc[:] = 0.0
             accumulate(idx, val, nnz, wt, 0, d_out, acc)
+            for o in range(d_out):  # the bias last, as the simulated model adds it to the matmul's output
+                acc[o] += bias[o]
         return out
 
     @njit(parallel=True, **opts)
@@ -137,8 +152,10 @@ def _build_kernels() -> dict[str, Any]:
             hi = min(d_out, lo + step)
             for r in range(n_tok):
                 acc = out[r, lo:hi]
-                acc[:] = bias[lo:hi]
+                acc[:] = 0.0
                 accumulate(idx[r], val[r], nnz[r], wt, lo, hi, acc)
+                for o in range(hi - lo):
+                    acc[o] += bias[lo + o]
         return out
 
     return {"serial": serial, "parallel": parallel, "numba": numba, "np": np}

@@ -62,6 +62,31 @@ def test_kernel_equals_dense_matmul_on_sparsified_input(n_tok, d_in, d_out, spar
         assert torch.equal(got, torch.zeros_like(got) if bias is None else bias.expand_as(got))
 
 
+def _sequential(x, t, weight, bias):
+    """Kept rows of W^T added in input order in float32 (numpy rounds every product and every sum)."""
+    wt = weight.t().contiguous().numpy()
+    out = np.zeros((x.shape[0], wt.shape[1]), np.float32)
+    for r, row in enumerate(x.numpy()):
+        for i in np.flatnonzero(~(np.abs(row) <= np.float32(t))):
+            out[r] = out[r] + row[i] * wt[i]
+    if bias is not None:
+        out = out + bias.numpy()
+    return torch.from_numpy(out)
+
+
+@settings(deadline=None, max_examples=40)
+@given(n_tok=st.integers(1, 3), d_in=st.integers(1, 40), d_out=st.integers(1, 70),
+       sparsity=st.sampled_from([0.0, 0.5, 0.8]), with_bias=st.booleans(), seed=st.integers(0, 2**16))
+def test_kernel_sums_in_input_order_bit_for_bit_whatever_the_threads(n_tok, d_in, d_out, sparsity, with_bias, seed):
+    g = torch.Generator().manual_seed(seed)
+    x, weight = torch.randn(n_tok, d_in, generator=g), torch.randn(d_out, d_in, generator=g)
+    bias = torch.randn(d_out, generator=g) if with_bias else None
+    t = -math.inf if sparsity == 0 else float(x.abs().quantile(sparsity))
+    ref = _sequential(x, t, weight, bias)
+    assert torch.equal(sparse_linear(x, t, weight.t(), bias, threads=1), ref)
+    assert torch.equal(sparse_linear(x, t, weight.t(), bias, threads=2), ref)
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 def test_kernel_all_zero_and_all_nonzero_inputs(threads):
     g = torch.Generator().manual_seed(0)
