@@ -24,7 +24,6 @@ Data-driven allocations (CRITICAL-ONLY, SHAPLEY-GUIDED, CORNERSTONE) read import
 
 from __future__ import annotations
 
-import inspect
 import math
 import statistics
 from collections.abc import Iterable, Mapping
@@ -250,19 +249,11 @@ class AllocationPlan:
 
 def check_allocation_options(toolkit, name: str, options: Mapping[str, Any]) -> None:
     """Bind ``options`` against the strategy's signature, before any model work (lists what it takes)."""
+    from .contracts import bind_options
+
     entry = toolkit.allocations.entry(name)
     who = f"allocation '{name}' (plugin '{entry.plugin}')"
-    try:
-        signature = inspect.signature(entry.factory)
-    except (TypeError, ValueError):  # some callables have no introspectable signature
-        return
-    try:
-        signature.bind(None, **options)
-    except TypeError as exc:
-        accepted = [p for p in list(signature.parameters)[1:] if signature.parameters[p].kind
-                    in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        raise ConfigError(f"{who} does not take options {sorted(options)} ({exc}); "
-                          f"its options: {', '.join(accepted) or 'none'}") from None
+    bind_options(who, entry.factory, options)
     if options.get("sparsify") == "biased" and name == "BASELINE-TEAL":
         raise ConfigError(f"{who} with sparsify: biased sparsifies no site (it biases none), so its numbers "
                           f"would be the dense model's; drop the option")

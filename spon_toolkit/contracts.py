@@ -17,7 +17,7 @@ import math
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .errors import PluginError, SponError
+from .errors import ConfigError, PluginError, SponError
 
 SPARSIFIER_METHODS = ("calibrate", "function", "state_dict")
 
@@ -37,6 +37,24 @@ def call(label: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         raise
     except Exception as exc:
         raise PluginError(f"{label} failed: {type(exc).__name__}: {exc}") from exc
+
+
+def bind_options(label: str, factory: Callable[..., Any], options: Mapping[str, Any]) -> None:
+    """Bind ``options`` against ``factory(first, **options)`` without calling it; a mismatch is one line
+    listing the options the plugin takes. Callables without an introspectable signature pass."""
+    import inspect
+
+    try:
+        signature = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    try:
+        signature.bind(None, **options)
+    except TypeError as exc:
+        kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+        accepted = [p for p in list(signature.parameters)[1:] if signature.parameters[p].kind in kinds]
+        raise ConfigError(f"{label} does not take options {sorted(options)} ({exc}); "
+                          f"its options: {', '.join(accepted) or 'none'}") from None
 
 
 def build_sparsifier(toolkit, name: str, sparsity: Any, options: Mapping[str, Any] | None = None):

@@ -465,7 +465,6 @@ class Experiment:
 
 def check_analyzer_options(toolkit, name: str, options: dict[str, Any]) -> None:
     """Bind ``options`` against the analyzer's ``analyze(run, **options)`` signature (or its own ``check``)."""
-    import inspect
 
     entry = toolkit.analyzers.entry(name)
     check = entry.meta.get("check")
@@ -474,18 +473,9 @@ def check_analyzer_options(toolkit, name: str, options: dict[str, Any]) -> None:
 
         call(who("analyzer", name, entry.plugin), check, **options)
         return
-    try:
-        signature = inspect.signature(entry.factory)
-    except (TypeError, ValueError):
-        return
-    try:
-        signature.bind(None, **options)
-    except TypeError as exc:
-        accepted = [p for p in list(signature.parameters)[1:]
-                    if signature.parameters[p].kind in (inspect.Parameter.KEYWORD_ONLY,
-                                                        inspect.Parameter.POSITIONAL_OR_KEYWORD)]
-        raise ConfigError(f"analyzer '{name}' (plugin '{entry.plugin}') does not take options {sorted(options)} "
-                          f"({exc}); its options: {', '.join(accepted) or 'none'}") from None
+    from .contracts import bind_options
+
+    bind_options(f"analyzer '{name}' (plugin '{entry.plugin}')", entry.factory, options)
 
 
 def load_experiment(path: str | Path, toolkit=None) -> Experiment:
