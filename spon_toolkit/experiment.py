@@ -415,6 +415,10 @@ class Experiment:
                     f"{self.path}: key '{key}': unknown {registry.kind} '{name}'.{suggest(name, known)} "
                     f"Allowed: {listing}."
                 )
+        from .analysis.runs import check_analyzer
+
+        for i, a in enumerate(spec.analyzers):
+            check_analyzer(toolkit, a.name, a.options, where=f"{self.path}: key 'analyzers[{i}]'")
 
 
 def load_experiment(path: str | Path, toolkit=None) -> Experiment:
