@@ -276,7 +276,7 @@ def hidden_state_shift(run, blocks: int = 8):
     output["kl_recovery_ci"] = interval([recovery(a, b) for a, b in zip(kl_s, kl_p)])
     rec = np.array([lay["recovery"] for lay in layers], dtype=float)
     return {"layers": layers, "output": output, "summary": {
-        "mean_recovery": float(np.nanmean(rec)), "n_layers_further_from_dense": int(np.sum(rec < 0)),
+        "mean_recovery": float(np.nanmean(rec)) if np.isfinite(rec).any() else None, "n_layers_further_from_dense": int(np.sum(rec < 0)),
         "last_layer_shift_sparse": layers[-1]["shift_sparse"]["mean"],
         "last_layer_shift_spon": layers[-1]["shift_spon"]["mean"],
         "kl_sparse": output["kl_sparse"]["mean"], "kl_spon": output["kl_spon"]["mean"],
