@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import numpy as np
@@ -28,6 +29,7 @@ def abs_cosines(vector: np.ndarray, directions: np.ndarray) -> np.ndarray:
         return np.abs(u @ v) / norm
 
 
+@functools.lru_cache(maxsize=16)
 def random_max_cos(d: int, k: int, n_samples: int = 20000, seed: int = 0) -> np.ndarray:
     """Samples of ``max_j |cos(r, u_j)|`` for an isotropic random direction ``r`` in ``d`` dimensions and any ``k``
     orthonormal directions ``u_j``.
@@ -39,7 +41,9 @@ def random_max_cos(d: int, k: int, n_samples: int = 20000, seed: int = 0) -> np.
     rng = np.random.default_rng(seed)
     g = rng.standard_normal((n_samples, k))
     rest = rng.chisquare(d - k, n_samples) if d > k else np.zeros(n_samples)
-    return np.abs(g).max(axis=1) / np.sqrt((g ** 2).sum(axis=1) + rest)
+    out = np.abs(g).max(axis=1) / np.sqrt((g ** 2).sum(axis=1) + rest)
+    out.flags.writeable = False  # cached: shared between callers
+    return out
 
 
 def single_cos_null(d: int) -> dict[str, float]:
@@ -67,7 +71,7 @@ def random_variance_ratios(cov: np.ndarray, n_samples: int = 2000, seed: int = 0
     c = np.asarray(cov, dtype=np.float64)
     r = rng.standard_normal((n_samples, c.shape[0]))
     r /= np.linalg.norm(r, axis=1, keepdims=True)
-    return np.einsum("nd,de,ne->n", r, c, r) / (np.trace(c) / c.shape[0])
+    return ((r @ c) * r).sum(axis=1) / (np.trace(c) / c.shape[0])
 
 
 def alignment(vector: np.ndarray, acts: np.ndarray, k: int = 10, *, n_null: int = 20000,
