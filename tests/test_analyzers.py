@@ -286,10 +286,18 @@ def test_runner_item_and_sweep_analyzers(tmp_path, toolkit):
     assert kinds == ["config", "config", "seed"]
     seed_pair = next(p for p in cross["pairs"] if p["kind"] == "seed")
     config_pair = next(p for p in cross["pairs"] if p["kind"] == "config")
-    assert config_pair["noise_floor_cos"] == pytest.approx(seed_pair["mean_cos"] if config_pair["n_shared_sites"]
-                                                           == seed_pair["n_shared_sites"] else
-                                                           config_pair["noise_floor_cos"])
+    # only UNIF-ALL has two seeds: the floor of a site is the cosine of its two seeds there
+    floor = np.mean([seed_pair["sites"][s]["cos"] for s in config_pair["sites"]])
+    assert config_pair["noise_floor_cos"] == pytest.approx(floor)
     assert -1 <= config_pair["mean_cos"] <= 1 and config_pair["mean_cos_update"] is not None
+    # the experiment report shows one executed section per analyzer that ran
+    assert cli.main(["report", str(tmp_path / "out/tiny"), "--reports-dir", str(tmp_path / "reports")]) == 0
+    nb = json.loads((tmp_path / "reports/tiny.ipynb").read_text())
+    ids = {c["id"]: c for c in nb["cells"]}
+    for name in ("bias_statistics", "cross_config"):
+        assert ids[f"{name}-1"]["outputs"], name
+    assert "pca_alignment-0" not in ids  # not run, no section
+    assert "noise floor cos" in (tmp_path / "reports/tiny.html").read_text()
 
 
 def test_bad_analyzer_option_fails_before_the_model(tmp_path, monkeypatch, capsys):
