@@ -48,7 +48,7 @@ def probe_accuracy(x: np.ndarray, y: np.ndarray, groups: np.ndarray | None = Non
         else:
             ug = np.unique(groups)
             first = {g: y[groups == g][0] for g in ug}
-            perm = dict(zip(ug, rng.permutation([first[g] for g in ug])))
+            perm = dict(zip(ug, rng.permutation([first[g] for g in ug]), strict=True))
             null.append(score(np.array([perm[g] for g in groups])))
     _, counts = np.unique(y, return_counts=True)
     return {"accuracy": acc, "shuffled_accuracy_mean": float(np.mean(null)) if null else float("nan"),

@@ -22,7 +22,6 @@ from typing import Any
 from spon_toolkit.errors import ConfigError
 from spon_toolkit.hookspecs import hookimpl
 
-
 # --- shared helpers ------------------------------------------------------------------------------------
 
 def _int(options: dict, key: str, low: int, default: Any = None) -> None:
@@ -176,7 +175,8 @@ def bias_statistics(run, init_blocks: int = 16, sites=None):
     initialisation to measure how far training moved each bias (0 = skip)."""
     import numpy as np
 
-    from spon_toolkit.analysis.stats import bias_statistics as stats, gaussian_kurtosis_band
+    from spon_toolkit.analysis.stats import bias_statistics as stats
+    from spon_toolkit.analysis.stats import gaussian_kurtosis_band
 
     if run.biases is None:
         return {"skipped": "no biases"}
@@ -240,7 +240,13 @@ def hidden_state_shift(run, blocks: int = 8):
     import numpy as np
     import torch
 
-    from spon_toolkit.analysis.shift import interval, kl_to_reference, recovery, relative_distance, top1_agreement
+    from spon_toolkit.analysis.shift import (
+        interval,
+        kl_to_reference,
+        recovery,
+        relative_distance,
+        top1_agreement,
+    )
     from spon_toolkit.sparse import SparseModel
 
     sitemap = _sitemap(run)
@@ -257,7 +263,7 @@ def hidden_state_shift(run, blocks: int = 8):
                     hs, ls = _states(run, sm, ids, mode)
                     # [layers, batch]: mean over tokens of each block; index 0 (embeddings) is never changed
                     per_block[mode].append(torch.stack([relative_distance(h, r).mean(-1)
-                                                        for h, r in zip(hs[1:], hd[1:])]))
+                                                        for h, r in zip(hs[1:], hd[1:], strict=True)]))
                     out_metrics[f"kl_{mode}"] += kl_to_reference(ls, ld).mean(-1).tolist()
                     out_metrics[f"top1_{mode}"] += top1_agreement(ls, ld).mean(-1).tolist()
     finally:
@@ -266,14 +272,14 @@ def hidden_state_shift(run, blocks: int = 8):
     po = torch.cat(per_block["spon"], dim=1).numpy()
     layers = []
     for i in range(sp.shape[0]):
-        rec_blocks = [recovery(a, b) for a, b in zip(sp[i], po[i])]
+        rec_blocks = [recovery(a, b) for a, b in zip(sp[i], po[i], strict=True)]
         layers.append({"layer": i, "shift_sparse": interval(sp[i]), "shift_spon": interval(po[i]),
                        "recovery": recovery(float(sp[i].mean()), float(po[i].mean())),
                        "recovery_ci": interval(rec_blocks)})
     kl_s, kl_p = np.array(out_metrics["kl_sparse"]), np.array(out_metrics["kl_spon"])
     output = {k: interval(v) for k, v in out_metrics.items()}
     output["kl_recovery"] = recovery(float(kl_s.mean()), float(kl_p.mean()))
-    output["kl_recovery_ci"] = interval([recovery(a, b) for a, b in zip(kl_s, kl_p)])
+    output["kl_recovery_ci"] = interval([recovery(a, b) for a, b in zip(kl_s, kl_p, strict=True)])
     rec = np.array([lay["recovery"] for lay in layers], dtype=float)
     return {"layers": layers, "output": output, "summary": {
         "mean_recovery": float(np.nanmean(rec)) if np.isfinite(rec).any() else None, "n_layers_further_from_dense": int(np.sum(rec < 0)),

@@ -81,7 +81,7 @@ def pca_heatmap(A: Bundle):
 
     items = A.items("pca_alignment")
     fig, axes = plt.subplots(1, len(items), figsize=(4.2 * len(items), 5), squeeze=False)
-    for ax, (item, a) in zip(axes[0], items.items()):
+    for ax, (item, a) in zip(axes[0], items.items(), strict=True):
         sites = sorted(a["sites"], key=lambda s: a["sites"][s]["layer"])
         mat = np.array([a["sites"][s]["abs_cos"] for s in sites])
         p95 = np.mean([a["sites"][s]["null_single_cos"]["p95"] for s in sites])
@@ -123,7 +123,7 @@ def bias_trend(A: Bundle):
     df = bias_table(A)
     cols = [c for c in ("L2", "excess kurtosis", "cos to init") if c in df and df[c].notna().any()]
     fig, axes = plt.subplots(1, len(cols), figsize=(4.5 * len(cols), 3.6), squeeze=False)
-    for ax, col in zip(axes[0], cols):
+    for ax, col in zip(axes[0], cols, strict=True):
         sns.lineplot(df, x="layer", y=col, hue="item", marker="o", ax=ax)
         ax.set_title(f"{col} over depth")
         if ax.get_legend() is not None and col != cols[-1]:
@@ -213,7 +213,6 @@ def probe_table(A: Bundle):
 
 
 def cka_plot(A: Bundle):
-    import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
 
