@@ -53,8 +53,10 @@ def bind_options(label: str, factory: Callable[..., Any], options: Mapping[str, 
     except TypeError as exc:
         kinds = (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         accepted = [p for p in list(signature.parameters)[1:] if signature.parameters[p].kind in kinds]
-        raise ConfigError(f"{label} does not take options {sorted(options)} ({exc}); "
-                          f"its options: {', '.join(accepted) or 'none'}") from None
+        unknown = [k for k in options if k not in accepted]
+        problem = (f"has no option{'s' if len(unknown) > 1 else ''} {', '.join(repr(k) for k in unknown)}"
+                   if unknown else f"cannot take options {sorted(options)} ({exc})")
+        raise ConfigError(f"{label} {problem}; its options: {', '.join(accepted) or 'none'}") from None
 
 
 def build_sparsifier(toolkit, name: str, sparsity: Any, options: Mapping[str, Any] | None = None):

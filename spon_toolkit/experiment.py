@@ -424,6 +424,7 @@ class Experiment:
 
     def check_options(self, toolkit) -> None:
         from .allocation import check_allocation_options
+        from .analysis.runs import check_analyzer
         from .contracts import build_sparsifier, build_trainer
         from .errors import SponError
 
@@ -443,7 +444,7 @@ class Experiment:
         for i, a in enumerate(spec.allocations):
             at(f"allocations[{i}]", check_allocation_options, toolkit, a.name, a.options)
         for i, a in enumerate(spec.analyzers):
-            at(f"analyzers[{i}]", check_analyzer_options, toolkit, a.name, a.options)
+            at(f"analyzers[{i}]", check_analyzer, toolkit, a.name, a.options)
 
     def check_names(self, toolkit) -> None:
         """Check plugin names against ``toolkit``; raises a one-line error naming file and key."""
@@ -461,21 +462,6 @@ class Experiment:
                     f"{self.path}: key '{key}': unknown {registry.kind} '{name}'.{suggest(name, known)} "
                     f"Allowed: {listing}."
                 )
-
-
-def check_analyzer_options(toolkit, name: str, options: dict[str, Any]) -> None:
-    """Bind ``options`` against the analyzer's ``analyze(run, **options)`` signature (or its own ``check``)."""
-
-    entry = toolkit.analyzers.entry(name)
-    check = entry.meta.get("check")
-    if callable(check):
-        from .contracts import call, who
-
-        call(who("analyzer", name, entry.plugin), check, **options)
-        return
-    from .contracts import bind_options
-
-    bind_options(f"analyzer '{name}' (plugin '{entry.plugin}')", entry.factory, options)
 
 
 def load_experiment(path: str | Path, toolkit=None) -> Experiment:

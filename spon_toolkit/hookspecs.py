@@ -91,8 +91,16 @@ def spon_register_trainers(register):
 def spon_register_analyzers(register):
     """Register analyzers of trained biases and runs (PCA alignment, bias statistics, probes ...).
 
-    ``register(name, analyze)`` with ``analyze(run, **options)`` returning a JSON-serialisable dict
-    of tables/figure paths.
+    ``register(name, analyze, description, scope="item", check=None)`` with ``analyze(run, **options)``
+    returning a JSON-serialisable dict with string keys (validated; anything else is an error naming the
+    plugin). ``scope="item"`` analyzers get a :class:`spon_toolkit.runner.AnalysisRun` per item (their answers
+    land in the item record and ``analysis/<name>.json``); ``scope="sweep"`` analyzers run once per sweep or
+    ``spon analyze`` call with a :class:`spon_toolkit.analysis.runs.SweepRun` over the finished items.
+    ``check(options, context)`` raises :class:`spon_toolkit.errors.ConfigError` for bad options before any
+    model work (``context`` may hold ``biased_sites``, ``dims`` per site and ``n_layers``); option names that
+    ``analyze`` does not accept are refused from its signature. A report section registered under the
+    analyzer's name shows its answers. Built-ins: ``pca_alignment``, ``bias_statistics``,
+    ``hidden_state_shift``, ``category_probes``, ``cross_config`` (sweep).
     """
 
 

@@ -313,6 +313,7 @@ class ExperimentRunner:
             importance = {method: self.importance(item.sparsity, method) for method in self._needs(entry, item)}
             ctx = AllocationContext.from_model(model, spec.sites, importance=importance, sitemap=sitemap)
             plan = allocate(self.toolkit, item.allocation.name, ctx, **self._allocation_options(item))
+            self._check_analyzers(plan)  # before training: a bad option must not cost a training run
         with self._stage(item.id, "evaluate", timings):
             dense = self.dense()
             teal = self.teal(item.sparsity, plan.sparse_sites)
@@ -380,14 +381,61 @@ class ExperimentRunner:
             "checkpoint": None if ckpt is None else str(Path(ckpt).relative_to(self.manager.run_dir)),
         }
 
+    def _analyzer_specs(self, scope: str) -> list:
+        from .analysis.runs import scope_of
+
+        return [a for a in self.experiment.spec.analyzers if scope_of(self.toolkit.analyzers.entry(a.name)) == scope]
+
+    def _check_analyzers(self, plan) -> None:
+        from .analysis.runs import check_analyzer
+
+        context = {"biased_sites": list(plan.biased_sites), "n_layers": self._sitemap.n_layers,
+                   "dims": {s: self._sitemap.shape(s)[1] for s in plan.biased_sites}}
+        for i, a in enumerate(self.experiment.spec.analyzers):
+            check_analyzer(self.toolkit, a.name, a.options, context, where=f"{self.experiment.path}: analyzers[{i}]")
+
     def _analyze(self, item: Item, record: dict[str, Any], sparsifier, plan, biases) -> dict[str, Any]:
         out = {}
-        for spec in self.experiment.spec.analyzers:
+        for spec in self._analyzer_specs("item"):
             run = AnalysisRun(item=item, record=record, model=self._model, tokenizer=self._tokenizer,
                               sparsifier=sparsifier, plan=plan, biases=biases, data=self._data,
                               run_dir=self.manager.run_dir,
-                              figures_dir=self.manager.run_dir / "figures")
+                              figures_dir=self.manager.run_dir / "figures", sitemap=self._sitemap,
+                              toolkit=self.toolkit)
             out[spec.name] = run_analyzer(self.toolkit, spec.name, run, spec.options)
+        return out
+
+    def analyze_sweep(self) -> dict[str, Any]:
+        """Write ``analysis/<analyzer>.json`` of every analyzer: the per-item answers collected from the
+        records, and the answers of the ``scope="sweep"`` analyzers run once over the finished items."""
+        from .analysis.runs import SweepEntry, SweepRun
+        from .checkpoint import load_checkpoint
+        from .results import atomic_write_json
+
+        records = self.manager._ordered()
+        out: dict[str, Any] = {}
+        for spec in self._analyzer_specs("item"):
+            out[spec.name] = {"scope": "item", "options": spec.options,
+                              "items": {r["id"]: r["analyses"][spec.name] for r in records
+                                        if spec.name in r.get("analyses", {})}}
+        sweep_specs = self._analyzer_specs("sweep")
+        if sweep_specs and records:
+            self._load()
+            entries = [SweepEntry(r["id"], r["config"], r["seed"], r["sparsity"],
+                                  load_checkpoint(self.manager.run_dir / r["checkpoint"]), r)
+                       for r in records if r.get("checkpoint")]
+            run = SweepRun(entries, self._model, self._tokenizer, self._sitemap, self.toolkit, self._data.calibration,
+                           self.manager.run_dir, self.manager.run_dir / "figures")
+            for spec in sweep_specs:
+                try:
+                    answer = run_analyzer(self.toolkit, spec.name, run, spec.options)
+                except SponError:
+                    raise
+                except Exception as exc:
+                    raise StageError("sweep", "analyze", exc) from exc
+                out[spec.name] = {"scope": "sweep", "options": spec.options, "result": answer}
+        for name, payload in out.items():
+            atomic_write_json(self.manager.analysis_dir / f"{name}.json", payload)
         return out
 
     def _needs(self, entry, item: Item) -> list[str]:
@@ -437,7 +485,10 @@ class ExperimentRunner:
     def finish(self) -> dict[str, Any]:
         """Rebuild the aggregated files and analysis from everything this run has finished."""
         self.start()
-        return self.manager.aggregate()
+        out = self.manager.aggregate()
+        if self.experiment.spec.analyzers:
+            out["analyzers"] = self.analyze_sweep()
+        return out
 
 
 @dataclass
@@ -446,7 +497,8 @@ class AnalysisRun:
 
     ``record`` holds the item's numbers; ``model`` is the dense model with no hooks attached; rebuild the
     sparse model with ``SparseModel(run.model, run.sparsifier, run.plan.sparse_sites, biases=run.biases)``.
-    Figures go to ``figures_dir``; the returned dict must be JSON-serialisable.
+    Figures go to ``figures_dir``; the returned dict must be JSON-serialisable (checked, see
+    :func:`spon_toolkit.contracts.run_analyzer`).
     """
 
     item: Item
@@ -459,6 +511,8 @@ class AnalysisRun:
     data: Any
     run_dir: Path
     figures_dir: Path
+    sitemap: Any = None  # SiteMap of ``model`` built with the toolkit's architectures
+    toolkit: Any = None
 
 
 # --- the whole job (shared by `spon run`) ---------------------------------------------------------
