@@ -35,7 +35,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, UnknownNameError, suggest
+from .errors import ConfigError, SponError, UnknownNameError, suggest
 
 BASELINE = "BASELINE-TEAL"
 
@@ -415,6 +415,13 @@ class Experiment:
                     f"{self.path}: key '{key}': unknown {registry.kind} '{name}'.{suggest(name, known)} "
                     f"Allowed: {listing}."
                 )
+        for i, a in enumerate(spec.analyzers):  # an analyzer may check its options before any model work
+            check = toolkit.analyzers.entry(a.name).meta.get("check_options")
+            if check is not None:
+                try:
+                    check(dict(a.options))
+                except SponError as exc:
+                    raise ConfigError(f"{self.path}: key 'analyzers[{i}].options': {exc}") from None
 
 
 def load_experiment(path: str | Path, toolkit=None) -> Experiment:

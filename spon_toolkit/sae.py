@@ -257,7 +257,7 @@ def cached_activations(model: nn.Module, sitemap: SiteMap, spaces: Sequence[Bias
 class SaeSettings:
     """Hyperparameters of one SAE training run (all enter the cache key).
 
-    ``width``: number of features (``None``: 4 x the space's dimension); ``k``: active features per token
+    ``width``: number of features (``None``: 2 x the space's dimension); ``k``: active features per token
     (TopK); ``steps`` optimiser steps of ``batch_size`` tokens; ``l1_coefficient`` for the standard (ReLU +
     L1) architecture.
     """
@@ -265,8 +265,8 @@ class SaeSettings:
     architecture: str = "topk"
     width: int | None = None
     k: int = 32
-    steps: int = 1500
-    batch_size: int = 256
+    steps: int = 500
+    batch_size: int = 512
     lr: float = 1e-3
     l1_coefficient: float = 5.0
     seed: int = 0
@@ -293,7 +293,7 @@ class SaeSettings:
             raise ConfigError(f"SAE option 'k' ({self.k}) exceeds the width ({self.resolved_width(d_in)})")
 
     def resolved_width(self, d_in: int) -> int:
-        return int(self.width) if self.width is not None else 4 * int(d_in)
+        return int(self.width) if self.width is not None else 2 * int(d_in)
 
 
 def _data_provider(acts: torch.Tensor, batch_size: int, seed: int) -> Iterator[torch.Tensor]:

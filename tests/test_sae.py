@@ -260,3 +260,21 @@ def test_analyzer_bad_input_is_one_line(tiny_model, tmp_path, cache_dir):
         analyze(run, width=16, k=32)
     with pytest.raises(ConfigError, match="neither an SAE directory"):
         analyze(run, sae="no-such-sae")
+
+
+def test_spec_options_are_checked_when_the_spec_loads(tmp_path):
+    from spon_toolkit.experiment import load_experiment
+    from spon_toolkit.plugins import Toolkit
+
+    spec = tmp_path / "e.yaml"
+    spec.write_text("model: tiny-random\nsparsity: [0.5]\nallocations: [UNIF-ALL]\n"
+                    "analyzers: [{name: sae_decomposition, options: {width: 8, k: 16}}]\n")
+    with pytest.raises(ConfigError, match=r"analyzers\[0\]\.options.*must not exceed"):
+        load_experiment(spec, Toolkit())
+
+
+def test_sae_train_command_checks_input_before_loading(capsys):
+    from spon_toolkit.cli import main
+
+    assert main(["sae-train", "--site", "layers.1.down_proj", "--width", "0"]) == 2
+    assert "width" in capsys.readouterr().err

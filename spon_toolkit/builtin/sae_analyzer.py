@@ -13,10 +13,10 @@ Options (all checked before any model work)::
     sites: auto            # "auto": the first and the last biased site; or a site spec / list of sites
     sae: null              # an SAE directory or "release:sae_id" (one for all sites, or {site: source})
     architecture: topk     # topk | standard (ReLU + L1)
-    width: null            # features (null: 4 x the space's dimension)
+    width: null            # features (null: 2 x the space's dimension)
     k: 32                  # active features per token (topk)
-    steps: 1500            # SAE optimiser steps
-    batch_size: 256        # tokens per SAE step
+    steps: 500             # SAE optimiser steps
+    batch_size: 512        # tokens per SAE step
     lr: 0.001
     l1_coefficient: 5.0    # standard architecture only
     train_blocks: 128      # calibration blocks whose activations train the SAE (sampled, seed 0)
@@ -54,8 +54,8 @@ class SaeOptions:
     architecture: str = "topk"
     width: int | None = None
     k: int = 32
-    steps: int = 1500
-    batch_size: int = 256
+    steps: int = 500
+    batch_size: int = 512
     lr: float = 1e-3
     l1_coefficient: float = 5.0
     train_blocks: int = 128
@@ -190,9 +190,11 @@ def analyze(run, **options) -> dict[str, Any]:
     val_acts, _ = S.cached_activations(model, sitemap, spaces, val.ids, skip_first=skip, batch_size=fb,
                                        cache=opts.cache, progress=opts.progress)
 
+    sparse_sites = list(getattr(run.plan, "sparse_sites", None) or run.biases.sites)
+
     # eval activations under the four conditions, all spaces in one pass each
     def collect(sparse: bool, biases, desc: str):
-        sm = SparseModel(model, run.sparsifier, run.plan.sparse_sites, biases=biases, sitemap=sitemap) if sparse else None
+        sm = SparseModel(model, run.sparsifier, sparse_sites, biases=biases, sitemap=sitemap) if sparse else None
         try:
             return S.collect_activations(model, sitemap, spaces, ev.ids, skip_first=skip, batch_size=fb,
                                          progress=opts.progress, desc=desc)
