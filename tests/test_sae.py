@@ -243,6 +243,18 @@ def test_analyzer_end_to_end_on_tiny_model(tiny_model, tmp_path, cache_dir):
     saved = json.loads((tmp_path / "run" / "analysis" / "sae_decomposition_item.json").read_text())
     assert saved["sites"].keys() == out["sites"].keys()
     assert all((tmp_path / "run" / "figures").joinpath(p.split("/")[-1]).is_file() for p in out["figures"])
+    # the report section draws tables and figures from the stored result
+    import types
+
+    from spon_toolkit.builtin import sae_analyzer
+
+    results = types.SimpleNamespace(records=[{"id": "UNIF-ALL@0.5#0", "config": "UNIF-ALL",
+                                              "analyses": {"sae_decomposition": saved}}])
+    assert len(sae_analyzer.report_section(results)) == 2
+    assert len(sae_analyzer.quality_table(results)) == 2 and len(sae_analyzer.decomposition_table(results)) == 4
+    assert len(sae_analyzer.restoration_table(results)) == 2 and len(sae_analyzer.features_table(results)) > 0
+    assert len(sae_analyzer.plots(results)) == 2
+    assert sae_analyzer.report_section(types.SimpleNamespace(records=[{"id": "a", "analyses": {}}])) == []
     # second call: the SAEs come from the cache
     again = analyze(run, **opts)
     assert again["sites"]["layers.1.down_proj"]["sae"]["cache_hit"] is True
