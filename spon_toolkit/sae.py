@@ -384,6 +384,9 @@ def _save_dir_atomically(target: Path, write: Callable[[Path], None]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # the usual permissions, not mkdtemp's 0700
         write(tmp)
         try:
             os.replace(tmp, target)
