@@ -27,11 +27,11 @@ def _dictionary(width=64, d=32, seed=0):
 def test_bias_from_three_atoms_is_recovered_with_those_atoms():
     D = _dictionary()
     atoms, weights = [5, 17, 40], [2.0, -1.5, 0.8]
-    bias = sum(w * D[a] for a, w in zip(atoms, weights))
+    bias = sum(w * D[a] for a, w in zip(atoms, weights, strict=True))
     out = S.decompose_bias(D, bias, ns=(1, 3, 5), top=3, n_null=50, seed=0)
     found = {f["feature"]: f["weight"] for f in out["top_features"]}
     assert set(found) == set(atoms)
-    for a, w in zip(atoms, weights):
+    for a, w in zip(atoms, weights, strict=True):
         assert found[a] == pytest.approx(w, abs=1e-8)
     assert out["explained"]["3"]["observed"] == pytest.approx(1.0, abs=1e-10)
     # three atoms in 32 dimensions: random vectors are far from explained by 3 directions
