@@ -124,13 +124,14 @@ def preflight(tm, tasks: Sequence[str], num_fewshot: int | None = None) -> dict[
     for name in tasks:
         try:
             with quiet_lm_eval():
-                loaded = tm.load([name])
+                from lm_eval.tasks import get_task_dict
+
+                leaves = dict(_leaf_tasks(get_task_dict([name], tm)))
         except Exception as exc:  # datasets/network errors of hub tasks, broken YAML
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise SponError(
                 f"lm-eval task '{name}' cannot be built here ({type(exc).__name__}: {first}); tasks other than "
                 f"{', '.join(OFFLINE_TASKS)} need their dataset from the Hugging Face hub or its local cache") from None
-        leaves = loaded["tasks"]
         if num_fewshot:
             for tname, task in leaves.items():
                 if task.OUTPUT_TYPE == "loglikelihood_rolling":
@@ -143,6 +144,15 @@ def preflight(tm, tasks: Sequence[str], num_fewshot: int | None = None) -> dict[
         else:
             out[name] = {"source": "lm-eval", "subtasks": sorted(leaves)}
     return out
+
+
+def _leaf_tasks(tree: Mapping[Any, Any]) -> Iterator[tuple[str, Any]]:
+    """``(name, Task)`` of every leaf of lm-eval's (possibly nested, group-keyed) task dict."""
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            yield from _leaf_tasks(value)
+        else:
+            yield getattr(key, "group_name", None) or getattr(value, "task_name", None) or str(key), value
 
 
 def check_limit(limit: float | int | None) -> float | int | None:
@@ -387,6 +397,72 @@ def summarize_output(out: Mapping[str, Any]) -> dict[str, Any]:
     """The JSON-friendly part of a ``simple_evaluate`` output (no per-document samples)."""
     return {key: out.get(key) for key in ("results", "n-samples", "n-shot", "versions", "higher_is_better")
             if key in out}
+
+
+# --- experiments (`downstream:` in a spec) -----------------------------------------------------------
+
+def downstream_for_item(runner, item, sparsifier, plan, biases) -> dict[str, Any]:
+    """The downstream table of one experiment item, sharing lm-eval runs with the other items.
+
+    Dense runs once per experiment, TEAL once per (sparsity, sparsified sites), SPON per item; an item
+    without biases (BASELINE-TEAL) reuses its TEAL run. Stored in the item's record under ``downstream``.
+    """
+    spec = runner.experiment.spec.downstream
+    cache = runner._downstream
+    if "tm" not in cache:
+        cache["tm"] = task_manager(spec.tasks)
+        cache["data"] = preflight(cache["tm"], spec.tasks, spec.num_fewshot)
+        cache["lm"] = make_lm(runner._model, runner._tokenizer, batch_size=spec.batch_size,
+                              prefix_token_id=spec.prefix_token_id)
+    limit = check_limit(spec.limit)
+    states = conditions(runner._model, sparsifier=sparsifier, sparse_sites=list(plan.sparse_sites), biases=biases,
+                        sitemap=runner._sitemap)
+
+    def run(key, cond):
+        if key not in cache:
+            with states[cond]():
+                cache[key] = run_condition(cache["lm"], spec.tasks, cache["tm"], limit=limit,
+                                           num_fewshot=spec.num_fewshot)
+        return cache[key]
+
+    outputs = {"dense": run(("dense",), "dense"),
+               "sparse": run(("sparse", item.sparsity, tuple(plan.sparse_sites)), "sparse")}
+    outputs["sparse+SPON"] = run(("spon", item.id), "sparse+SPON") if biases is not None else outputs["sparse"]
+    comparison = compare(outputs)
+    first = outputs["dense"]
+    return {"tasks": list(spec.tasks), "limit": limit, "num_fewshot": spec.num_fewshot,
+            "n_samples": first.get("n-samples"), "n_shot": first.get("n-shot"), "versions": first.get("versions"),
+            "lm_eval_version": lm_eval_version(), "data": cache["data"], **comparison}
+
+
+def downstream_frame(results_dir: str | Path):
+    """A table of every item's downstream numbers (task, metric, dense, sparse, SPON, stderrs) for reports."""
+    import pandas as pd
+
+    from .results import load_results
+
+    rows = []
+    for rec in load_results(results_dir).records:
+        ds = rec.get("downstream") or {}
+        for r in ds.get("table", []):
+            rows.append({"config": rec.get("config"), "sparsity": rec.get("sparsity"), "seed": rec.get("seed"),
+                         "task": r["task"], "metric": r["metric"], "n": r.get("n"),
+                         **{c: r.get(c) for c in CONDITIONS}, **{f"{c} stderr": r.get(f"{c}_stderr") for c in CONDITIONS},
+                         "stderr source": r.get("stderr_source")})
+    return pd.DataFrame(rows)
+
+
+def downstream_paired_frame(results_dir: str | Path):
+    """Paired differences between conditions (same documents) for every item."""
+    import pandas as pd
+
+    from .results import load_results
+
+    rows = []
+    for rec in load_results(results_dir).records:
+        for p in (rec.get("downstream") or {}).get("paired", []):
+            rows.append({"config": rec.get("config"), "sparsity": rec.get("sparsity"), "seed": rec.get("seed"), **p})
+    return pd.DataFrame(rows)
 
 
 # --- agreement with evaluate_perplexity -------------------------------------------------------------
