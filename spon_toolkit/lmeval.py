@@ -124,9 +124,12 @@ def preflight(tm, tasks: Sequence[str], num_fewshot: int | None = None) -> dict[
     for name in tasks:
         try:
             with quiet_lm_eval():
-                from lm_eval.tasks import get_task_dict
+                if hasattr(tm, "load"):  # lm-eval >= 0.4.10: flat {"tasks": {name: Task}}
+                    leaves = dict(tm.load([name])["tasks"])
+                else:
+                    from lm_eval.tasks import get_task_dict
 
-                leaves = dict(_leaf_tasks(get_task_dict([name], tm)))
+                    leaves = dict(_leaf_tasks(get_task_dict([name], tm)))
         except Exception as exc:  # datasets/network errors of hub tasks, broken YAML
             first = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
             raise SponError(
