@@ -233,6 +233,9 @@ def conditions(model, *, sparsifier=None, sparse_sites: Sequence[str] = (), bias
 
     @contextlib.contextmanager
     def state(with_sparsifier: bool, with_biases: bool):
+        if not with_sparsifier and not with_biases:
+            yield model  # dense: no hooks at all
+            return
         sm = SparseModel(model, sparsifier if with_sparsifier else None, sparse_sites if with_sparsifier else (),
                          biases=biases if with_biases else None, sitemap=sitemap)
         try:

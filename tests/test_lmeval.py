@@ -177,6 +177,21 @@ def test_cli_table_and_json_with_a_checkpoint(tmp_path, tiny_checkpoint, capsys)
     assert data["lm_eval"]["dense"]["n-samples"]["sotu_continuation"]["effective"] == 2
 
 
+def test_cli_exported_directory_gives_the_checkpoints_spon_numbers(tmp_path, tiny_checkpoint, capsys):
+    from spon_toolkit.export import export_checkpoint
+
+    model, tok = load_model("tiny-random", device="cpu")
+    export_checkpoint(tiny_checkpoint, model, tmp_path / "exported", tokenizer=tok)
+    common = ["--model", "tiny-random", "--tasks", "sotu_ppl", "--limit", "2", "--prefix-token-id", str(NEWLINE)]
+    assert cli.main(["lm-eval", "--checkpoint", str(tiny_checkpoint), *common, "-o", str(tmp_path / "a.json")]) == 0
+    assert cli.main(["lm-eval", "--exported", str(tmp_path / "exported"), *common, "-o", str(tmp_path / "b.json")]) == 0
+    capsys.readouterr()
+    rows = [{r["metric"]: r for r in json.loads((tmp_path / f).read_text())["table"]} for f in ("a.json", "b.json")]
+    for cond in L.CONDITIONS:  # folded biases + re-attached sparsifier = hooked biases
+        assert rows[1]["bits_per_byte"][cond] == pytest.approx(rows[0]["bits_per_byte"][cond], rel=1e-5)
+    assert rows[0]["bits_per_byte"]["sparse+SPON"] != rows[0]["bits_per_byte"]["sparse"]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--tasks", "sotu_pp"], "unknown lm-eval task 'sotu_pp'. Close names: sotu_ppl"),
     (["--tasks", "sotu_ppl", "--limit", "0"], "--limit must be a number of documents >= 1"),

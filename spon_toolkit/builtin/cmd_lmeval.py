@@ -19,7 +19,27 @@ from typing import Any
 from spon_toolkit.hookspecs import hookimpl
 
 
+EPILOG = """\
+columns: dense (no hooks), sparse (the sparsifier, no biases), sparse+SPON (sparsifier + biases; needs
+--checkpoint or --exported). The same documents are scored in every column, so paired differences with
+their standard errors follow the table.
+
+offline tasks (no hub): sotu_ppl (word/byte perplexity, bits per byte over sotu eval passages),
+sotu_continuation (4-way choice of a passage's true next sentence). Any other lm-eval task name works where
+its dataset can be downloaded or is cached (hellaswag, arc_easy, piqa, ...).
+
+examples:
+  spon lm-eval --checkpoint runs/s05.safetensors --tasks sotu_ppl,sotu_continuation --limit 100 -o lm.json
+  spon lm-eval --sparsifier threshold --sparsity 0.5 --tasks sotu_continuation
+  spon lm-eval --exported exported/ --tasks hellaswag,arc_easy --limit 500
+"""
+
+
 def configure(parser) -> None:
+    import argparse
+
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = EPILOG
     parser.add_argument("--model", default=None, help="loader name, loader:spec, directory or hub id (default: the "
                         "checkpoint's / export's model, else smollm2-135m)")
     src = parser.add_mutually_exclusive_group()
@@ -156,7 +176,7 @@ def run(args, toolkit) -> int:
 
             calib = load_blocks(tokenizer, args.calib_data, "calibration", 128, max_length=context_length(model))
             sparsifier.calibrate(model, sparse_sites, calib.sample(args.calib_blocks, 0).batches(8), sitemap=sitemap)
-        source = {"sparsifier_only": True}
+        source = {"biases": None}
     states = L.conditions(model, sparsifier=sparsifier, sparse_sites=sparse_sites, biases=biases, sitemap=sitemap,
                           spon_model=spon_model)
     missing = [c for c in wanted if c not in states]
