@@ -268,7 +268,12 @@ def test_experiment_spec_rejects_an_unknown_downstream_task(tmp_path):
 
 @pytest.mark.slow
 def test_real_model_lmeval_agrees_with_evaluate_perplexity():
-    """smollm2-135m: lm-eval's loglikelihoods equal evaluate_perplexity's on the same sotu windows."""
+    """smollm2-135m: lm-eval's loglikelihoods equal evaluate_perplexity's on the same sotu windows.
+
+    Dense: to float tolerance. Sparse (top-k): lm-eval feeds T-1 tokens where the toolkit feeds T, and the
+    float rounding of the two forwards can flip which of two nearly tied entries top-k keeps, so a block
+    may move by a fraction of a nat (README, "Agreement"); the sum over blocks stays within 1e-3.
+    """
     from spon_toolkit.data import load_blocks
 
     model, tok = load_model("smollm2-135m", device="cpu")
@@ -278,4 +283,7 @@ def test_real_model_lmeval_agrees_with_evaluate_perplexity():
         with SparseModel(model, sparsifier, "down_proj" if sparsifier else ()):
             sums, _ = block_nlls(model, blocks.batches(2), progress=False)
             agreement = L.loglikelihood_agreement(lm, blocks.ids, sums)
-        assert agreement["max_rel_diff"] < 1e-5, agreement
+        if sparsifier is None:
+            assert agreement["max_rel_diff"] < 1e-5, agreement
+        else:
+            assert agreement["lm_eval_nll"] == pytest.approx(agreement["toolkit_nll"], rel=1e-3), agreement
