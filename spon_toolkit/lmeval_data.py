@@ -38,7 +38,7 @@ MC_CHOICES = 4
 #: words ending with a period that do not end a sentence in these speeches
 _ABBREVIATIONS = {
     "mr", "mrs", "ms", "dr", "st", "jr", "sr", "gen", "sen", "rep", "lt", "sgt", "col", "capt", "gov", "no",
-    "vs", "etc", "u.s", "u.n", "a.m", "p.m", "d.c", "st", "ft", "mt", "inc", "co", "corp", "jan", "feb", "aug",
+    "vs", "etc", "u.s", "u.n", "a.m", "p.m", "d.c", "ft", "mt", "inc", "co", "corp", "jan", "feb", "aug",
     "sept", "oct", "nov", "dec", "adm", "cpl", "pvt", "rev", "hon", "messrs",
 }
 _SPLIT = re.compile(r"(?<=[.!?])([\"”’)\]]*)\s+(?=[\"“(]?[A-Z0-9])")

@@ -56,7 +56,7 @@ def check_packages() -> list[Check]:
     for dist, pin in (("torch", "2.13.0"), ("transformers", None), ("pluggy", None)):
         v = _version(dist)
         if v is None:
-            out.append(Check(dist, FAIL, f"not installed; pip install -e . installs it"))
+            out.append(Check(dist, FAIL, "not installed; pip install -e . installs it"))
         elif pin and v.split("+")[0] != pin:
             out.append(Check(dist, WARN, f"{v} (the toolkit is tested with {pin})", data={"version": v}))
         else:

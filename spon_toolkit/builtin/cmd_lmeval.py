@@ -18,7 +18,6 @@ from typing import Any
 
 from spon_toolkit.hookspecs import hookimpl
 
-
 EPILOG = """\
 columns: dense (no hooks), sparse (the sparsifier, no biases), sparse+SPON (sparsifier + biases; needs
 --checkpoint or --exported). The same documents are scored in every column, so paired differences with
