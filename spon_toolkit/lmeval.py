@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import logging
 import math
 import random
@@ -97,13 +98,10 @@ def task_manager(tasks: Sequence[str] = OFFLINE_TASKS):
     is not one of the toolkit's; an unknown name is a one-line error listing the closest known names.
     """
     require_lm_eval()
-    from lm_eval.tasks import TaskManager
-
-    with quiet_lm_eval():
-        tm = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
-        if all(t in tm.all_tasks for t in tasks):
-            return tm
-        tm = TaskManager(include_path=str(TASKS_DIR))
+    tm = _manager(False)
+    if all(t in tm.all_tasks for t in tasks):
+        return tm
+    tm = _manager(True)
     missing = [t for t in tasks if t not in tm.all_tasks]
     if missing:
         import difflib
@@ -115,6 +113,15 @@ def task_manager(tasks: Sequence[str] = OFFLINE_TASKS):
             f"unknown lm-eval task '{name}'.{listing} The toolkit's offline tasks: {', '.join(OFFLINE_TASKS)}; "
             f"`python -m lm_eval ls tasks` lists lm-eval's {len(tm.all_tasks)} names")
     return tm
+
+
+@functools.lru_cache(maxsize=2)
+def _manager(include_defaults: bool):
+    """One ``TaskManager`` per process and setting (indexing lm-eval's own tasks takes seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    with quiet_lm_eval():
+        return TaskManager(include_path=str(TASKS_DIR), include_defaults=include_defaults)
 
 
 def preflight(tm, tasks: Sequence[str], num_fewshot: int | None = None) -> dict[str, Any]:
