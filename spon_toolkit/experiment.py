@@ -34,7 +34,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .errors import ConfigError, UnknownNameError, suggest
+from .errors import ConfigError, SponError, UnknownNameError, suggest
 
 BASELINE = "BASELINE-TEAL"
 
@@ -129,6 +129,24 @@ class AnalyzerSpec(_Named):
     pass
 
 
+class DownstreamSpec(_Strict):
+    """lm-eval tasks run on every item: dense once, TEAL per sparsity and sparsified sites, SPON per item
+    (see :mod:`spon_toolkit.lmeval`). A bare list or string means ``{tasks: ...}``."""
+
+    tasks: list[str] = Field(min_length=1)
+    limit: float | None = Field(None, gt=0)
+    num_fewshot: int | None = Field(None, ge=0)
+    batch_size: int = Field(8, ge=1)
+    prefix_token_id: int | None = Field(None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_list(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [t.strip() for t in value.split(",") if t.strip()]
+        return {"tasks": value} if isinstance(value, list) else value
+
+
 class ExperimentSpec(_Strict):
     """The validated content of one experiment YAML file."""
 
@@ -149,6 +167,7 @@ class ExperimentSpec(_Strict):
     data_driven_overrides: str | None = None
     report: bool = True
     expect: list[str] = Field(default_factory=list)
+    downstream: DownstreamSpec | None = None
 
     @field_validator("sites")
     @classmethod
@@ -368,6 +387,8 @@ class Item:
         spec = self.experiment.spec
         shared = spec.model_dump(include={"model", "data", "sparsifier", "sites", "trainer", "analyzers",
                                           "importance"})
+        if spec.downstream is not None:  # absent from the hash when unset, so older results still resume
+            shared["downstream"] = spec.downstream.model_dump()
         return _spec_hash({**shared, "allocation": self.allocation.model_dump(), "sparsity": self.sparsity,
                            "seed": self.seed})
 
@@ -394,7 +415,7 @@ class Experiment:
 
     @property
     def spec_hash(self) -> str:
-        return _spec_hash(self.spec.model_dump())
+        return _spec_hash(self.spec.model_dump(exclude={"downstream"} if self.spec.downstream is None else None))
 
     @property
     def expectations(self) -> list[Expectation]:
@@ -454,6 +475,13 @@ class Experiment:
                   ("trainer.name", spec.trainer.name, toolkit.trainers)]
         checks += [(f"allocations[{i}].name", a.name, toolkit.allocations) for i, a in enumerate(spec.allocations)]
         checks += [(f"analyzers[{i}].name", a.name, toolkit.analyzers) for i, a in enumerate(spec.analyzers)]
+        if spec.downstream is not None:
+            from .lmeval import task_manager
+
+            try:
+                task_manager(spec.downstream.tasks)
+            except SponError as exc:
+                raise ConfigError(f"{self.path}: key 'downstream.tasks': {exc}") from None
         for key, name, registry in checks:
             if name not in registry:
                 known = sorted(registry.names())

@@ -118,6 +118,7 @@ class ExperimentRunner:
         self._importance: dict[tuple[float, str], Any] = {}
         self._overrides = None
         self._records: dict[str, dict[str, Any]] = {}
+        self._downstream: dict[Any, Any] = {}  # lm-eval outputs shared by items (see lmeval.downstream_for_item)
         self.timings: dict[str, float] = {}
 
     @classmethod
@@ -357,6 +358,11 @@ class ExperimentRunner:
                 ckpt = None
 
             record = self._record(item, plan, dense, teal, spon, train_info, ckpt, timings)
+            if spec.downstream is not None:
+                with self._stage(item.id, "evaluate", timings):
+                    from .lmeval import downstream_for_item
+
+                    record["downstream"] = downstream_for_item(self, item, sparsifier, plan, biases)
             with self._stage(item.id, "analyze", timings):
                 record["analyses"] = self._analyze(item, record, sparsifier, plan, biases)
         finally:
