@@ -16,10 +16,20 @@ from ..results import BASELINE, Results, load_results
 from . import summary as _summary
 
 
+def _short_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{os.path.basename(filename)}:{lineno}: {category.__name__}: {message}\n"
+
+
 def load(results_dir: str) -> Results:
-    """Load the results directory and set the figure style."""
+    """Load the results directory and set the figure style (called by a report's setup cell).
+
+    Also makes warnings in the report name their file without its directory: a warning stays visible but
+    does not print a path of the machine that built the report."""
+    import warnings
+
     import seaborn as sns
 
+    warnings.formatwarning = _short_warning
     sns.set_theme(style="whitegrid", context="notebook")
     return load_results(results_dir)
 
@@ -160,6 +170,8 @@ def ppl_table(results: Results):
     out["p vs TEAL"] = [_summary.fmt_p(own_of(s, c)["test"].get("p_value")) if c != BASELINE else "-"
                         for s, c in keys]
     out["sparsity"] = out["sparsity"].map(_summary.fmt_sparsity)
+    if (out["SPON 95% CI"] == "-").all():  # one seed: no seed interval to show
+        out = out.drop(columns="SPON 95% CI")
     return out.set_index(["sparsity", "config"])
 
 
