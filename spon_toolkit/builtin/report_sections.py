@@ -58,7 +58,9 @@ def ppl_bars(results):
 
 def damage(results):
     return _cells("Damage recovered", "Share of the perplexity lost to sparsification that the SPON biases "
-                  "win back (100% = dense quality, 0% = no better than TEAL).", "views.damage_recovered(R);")
+                  "win back (100% = dense quality, 0% = no better than TEAL), each config against TEAL on its "
+                  "own sparsified sites; error bars: 95% percentile bootstrap interval over eval blocks (and "
+                  "seeds), as in the tables.", "views.damage_recovered(R);")
 
 
 def pareto(results):

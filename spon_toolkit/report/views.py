@@ -234,30 +234,51 @@ def ppl_bars(results: Results):
         _xticks(ax, [_labels(results).get(c, c) for c in order])
         top = max(sub["ppl"].max(), sub["sparse_ppl"].max())
         ax.set_ylim(lo * 0.97, top + 0.35 * (top - lo * 0.97))  # head room for the legend
-        ax.legend(loc="upper left", fontsize=8, ncol=2)
+        ax.legend(loc="upper left", fontsize=8, ncol=2, markerscale=0.3)
     return _save(results, fig, "ppl_bars")
 
 
 def damage_recovered(results: Results):
-    """Damage recovered = (PPL_TEAL - PPL_SPON) / (PPL_TEAL - PPL_dense), in %, per config and sparsity."""
+    """Damage recovered = (PPL_TEAL - PPL_SPON) / (PPL_TEAL - PPL_dense), in %, per config and sparsity,
+    each against TEAL on its own sparsified sites; error bars: the 95% bootstrap interval of the summary."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    df = results.records_frame()
-    df = df[df["config"] != BASELINE].copy()
-    df["damage recovered (%)"] = 100.0 * df["damage_recovered"]
-    df["sparsity"] = df["sparsity"].map(lambda s: f"{s:g}")
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    sns.barplot(data=df, x="config", y="damage recovered (%)", hue="sparsity", errorbar="sd", ax=ax,
-                order=[c for c in _config_order(results) if c != BASELINE])
+    rows = {(r["sparsity"], r["config"]): r for r in _summary.vs_own_teal(results.records) if r["spon_params"]}
+    configs = [c for c in _config_order(results) if any(k[1] == c for k in rows)]
+    levels = sorted({k[0] for k in rows})
+    if not rows:
+        fig, ax = plt.subplots(figsize=(6, 1.6))
+        ax.text(0.5, 0.5, "no config with biases in this run", ha="center", va="center")
+        ax.axis("off")
+        return _save(results, fig, "damage_recovered")
+    width = 0.8 / len(levels)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(configs) * len(levels) + 1.5), 4.2))
+    for k, level in enumerate(levels):
+        for i, config in enumerate(configs):
+            row = rows.get((level, config))
+            x = i - 0.4 + width * (k + 0.5)
+            if row is None:
+                continue
+            dr = row["damage_recovered"]
+            if dr is None:
+                ax.text(x, 0, "n/a: TEAL did not\nraise PPL", ha="center", va="bottom", fontsize=7)
+                continue
+            ax.bar(x, 100 * dr, width * 0.9, color=f"C{k}")
+            lo, hi = row["damage_ci"]
+            if lo is not None:
+                ax.errorbar(x, 100 * dr, yerr=[[100 * (dr - lo)], [100 * (hi - dr)]], fmt="none", color="k",
+                            capsize=4, lw=1)
+            ax.annotate(f"{_summary.fmt_pct(dr)}%", (x, 100 * dr), xytext=(4, 3 if dr >= 0 else -12),
+                        textcoords="offset points", ha="left", fontsize=8)
     ax.axhline(0, color="k", lw=0.8)
-    order = [c for c in _config_order(results) if c != BASELINE]
-    for i, c in enumerate(order):
-        if df[df["config"] == c]["damage_recovered"].isna().all():
-            ax.text(i, 0, "n/a: TEAL did not\nraise PPL", ha="center", va="bottom", fontsize=7)
-    ax.set_xlabel("")
+    ax.set_xlim(-0.6, len(configs) - 0.4)
     ax.set_ylabel("damage recovered (%)")
-    _xticks(ax, [_labels(results).get(c, c) for c in order])
+    _xticks(ax, [_labels(results).get(c, c) for c in configs])
+    if len(levels) > 1:
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=f"C{k}", label=f"sparsity {level:g}") for k, level in enumerate(levels)],
+                  fontsize=8)
     return _save(results, fig, "damage_recovered")
 
 
