@@ -133,7 +133,8 @@ def protocol(results: Results):
     ]
     rows += [(f"env {k}", v) for k, v in results.metadata.get("environment", {}).items()]
     frame = pd.DataFrame([(k, "-" if v is None else str(v)) for k, v in rows], columns=["setting", "value"])
-    return frame.style.hide(axis="index").set_properties(**{"text-align": "left"})
+    return frame.style.hide(axis="index").set_properties(**{"text-align": "left"}).set_table_styles(
+        [{"selector": "th", "props": [("text-align", "left")]}])
 
 
 # --- tables ---------------------------------------------------------------------------------------
@@ -376,7 +377,9 @@ def training_curves(results: Results):
     for ax, s in zip(axes[0], sparsities, strict=False):
         sns.lineplot(data=hist[hist["sparsity"] == s], x="step", y="loss", hue="config", errorbar=("pi", 100), ax=ax,
                      marker="o", markersize=4)
-        ax.set_yscale("log")
+        losses = hist[hist["sparsity"] == s]["loss"]
+        if losses.min() > 0 and losses.max() / losses.min() > 10:  # log scale only where it spans decades
+            ax.set_yscale("log")
         ax.set_title(f"sparsity {s:g}")
         ax.legend(fontsize=7)
     return _save(results, fig, "training_curves")
@@ -414,17 +417,22 @@ def per_sparsity(results: Results):
     axes = list(axes[0])
     if len(levels) > 1:
         ax = axes.pop(0)
-        sns.lineplot(data=df, x="sparsity", y="ppl", hue="config", marker="o", errorbar="sd", ax=ax,
-                     hue_order=_config_order(results))
-        ax.axhline(df["dense_ppl"].mean(), ls="--", color="k", lw=1, label="dense")
+        groups = _config_sites(results)
+        lines = df.assign(**{"sparsified sites": [groups[(s_, c)]["label"] for s_, c in zip(df["sparsity"], df["config"],
+                                                                                             strict=True)]})
+        # configs that sparsify other sites are dashed and named with their sites: not on the same footing
+        sns.lineplot(data=lines, x="sparsity", y="ppl", hue="config", style="sparsified sites", marker="o",
+                     errorbar="sd", err_style="bars", ax=ax, hue_order=_config_order(results))
+        ax.axhline(df["dense_ppl"].mean(), ls=":", color="k", lw=1, label="dense")
         ax.set_xticks(levels)
         ax.set_ylabel("SPON perplexity")
         ax.set_title("perplexity against sparsity", fontsize=10)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     if not blocks.empty:
         ax = axes.pop(0)
         order = [labels.get(c, c) for c in _config_order(results) if labels.get(c, c) in set(blocks["config"])]
-        sns.boxplot(data=blocks, x="config", y="ΔNLL vs own TEAL", hue="sparsity", ax=ax, order=order, fliersize=2)
+        sns.boxplot(data=blocks, x="config", y="ΔNLL vs own TEAL", hue="sparsity" if len(levels) > 1 else None,
+                    ax=ax, order=order, fliersize=2, width=0.5 if len(levels) == 1 else 0.8)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("")
         ax.set_ylabel("ΔNLL per token vs TEAL, same sites")
