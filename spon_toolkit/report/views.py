@@ -89,7 +89,8 @@ def headline_table(results: Results):
     import pandas as pd
 
     rows = _summary.headline_rows(results.records)
-    return pd.DataFrame(rows, columns=list(_summary.HEADLINE_COLUMNS.values())).style.hide(axis="index")
+    return pd.DataFrame(rows, columns=list(_summary.HEADLINE_COLUMNS.values())).style.hide(
+        axis="index").set_uuid("headline")
 
 
 def summary_markdown(results: Results) -> str:
@@ -133,7 +134,7 @@ def protocol(results: Results):
     ]
     rows += [(f"env {k}", v) for k, v in results.metadata.get("environment", {}).items()]
     frame = pd.DataFrame([(k, "-" if v is None else str(v)) for k, v in rows], columns=["setting", "value"])
-    return frame.style.hide(axis="index").set_properties(**{"text-align": "left"}).set_table_styles(
+    return frame.style.hide(axis="index").set_uuid("protocol").set_properties(**{"text-align": "left"}).set_table_styles(
         [{"selector": "th", "props": [("text-align", "left")]}])
 
 
@@ -343,7 +344,7 @@ def pareto_table(results: Results):
                          "config": p["config"], "SPON params": _summary.fmt_params(p["spon_params"]),
                          "PPL": _summary.fmt_ppl(p["ppl"]),
                          "on frontier": "yes" if p["config"] in g["frontier"] else "no"})
-    return pd.DataFrame(rows).style.hide(axis="index") if rows else pd.DataFrame()
+    return pd.DataFrame(rows).style.hide(axis="index").set_uuid("pareto") if rows else pd.DataFrame()
 
 
 def training_history(results: Results):
