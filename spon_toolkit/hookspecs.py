@@ -109,7 +109,7 @@ def spon_register_report_sections(register):
     """Register notebook report sections.
 
     ``register(name, build, order=100)`` with ``build(results) -> list`` of nbformat cells; sections
-    are emitted in ascending ``order``.
+    are emitted in ascending ``order`` (the built-in summary is 5; ``order >= 1000`` is the appendix).
     """
 
 

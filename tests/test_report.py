@@ -13,7 +13,7 @@ from spon_toolkit.report import build_notebook
 from spon_toolkit.results import load_results
 from spon_toolkit.runner import run_experiment
 
-SECTIONS = ["protocol", "ppl-table", "ppl-bars", "damage-recovered", "pareto", "training-curves", "per-sparsity",
+SECTIONS = ["summary", "protocol", "ppl-table", "ppl-bars", "damage-recovered", "pareto", "training-curves", "per-sparsity",
             "latex-table"]
 
 
@@ -30,13 +30,14 @@ def sweep_dir(tmp_path_factory):
 def test_notebook_structure_is_deterministic(sweep_dir):
     toolkit = Toolkit(load_entrypoints=False)
     results = load_results(sweep_dir / "out/tiny")
-    a, b = build_notebook(results, toolkit), build_notebook(results, toolkit)
+    reports = sweep_dir / "reports"
+    a, b = build_notebook(results, toolkit, reports_dir=reports), build_notebook(results, toolkit, reports_dir=reports)
     assert [c.id for c in a.cells] == [c.id for c in b.cells]
     assert nbformat.writes(a) == nbformat.writes(b)
     ids = [c.id for c in a.cells]
     assert ids[1:4] == ["parameters", "injected-parameters", "setup"]
     assert a.cells[1].metadata.tags == ["parameters"] and a.cells[2].metadata.tags == ["injected-parameters"]
-    assert str((sweep_dir / "out/tiny").resolve()) in a.cells[2].source
+    assert a.cells[2].source == "results_dir = '../out/tiny'"  # relative to the report, never absolute
     for name in SECTIONS:
         assert f"{name}-0" in ids and f"{name}-1" in ids, name
     # cells only read saved results: no model loading, training or evaluation in the notebook

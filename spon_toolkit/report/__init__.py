@@ -2,13 +2,18 @@
 
 The notebook is assembled with nbformat from *report-section plugins* (hook
 ``spon_register_report_sections``: ``register(name, build, order=...)`` with ``build(results)`` returning
-a list of cells). Its first code cells follow papermill's convention: a cell tagged ``parameters`` with
-the default ``results_dir`` and, right after it, a cell tagged ``injected-parameters`` holding the actual
-path, so ``papermill report.ipynb out.ipynb -p results_dir OTHER`` re-runs it elsewhere. Cell ids are
-derived from section names (not random), so rebuilding a report gives the same notebook.
+a list of cells). Sections with ``order >= APPENDIX_ORDER`` (protocol, environment, LaTeX) form the
+appendix, after an "Appendix" heading. Its first code cells follow papermill's convention: a cell tagged
+``parameters`` with the default ``results_dir`` and, right after it, a cell tagged ``injected-parameters``
+holding the actual path *relative to the report's directory* (the kernel's working directory), so the
+notebook shows no path of the machine that built it and ``papermill report.ipynb out.ipynb --cwd DIR`` or
+``-p results_dir OTHER`` re-runs it. Cell ids are derived from section names (not random), so rebuilding
+a report gives the same notebook.
 
 The notebook is executed with nbclient, written to ``<reports_dir>/<experiment>.ipynb`` and exported to
-HTML with nbconvert. Cells only read saved results (see :mod:`spon_toolkit.report.views`).
+HTML with nbconvert's ``lab`` template minus every external script (require.js, MathJax, mermaid, widget
+manager: see :func:`export_html`): the page is self-contained, with code cells hidden behind one switch.
+Cells only read saved results (see :mod:`spon_toolkit.report.views`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,8 @@ from ..errors import SponError
 from ..results import Results, atomic_write_text, check_output_dir, load_results
 
 KERNEL = "python3"
+#: sections at or after this order form the appendix
+APPENDIX_ORDER = 1000
 
 
 def md(text: str) -> dict:
@@ -49,27 +56,46 @@ def _cell_id(base: str, used: set[str]) -> str:
     return cid
 
 
-def build_notebook(results: Results, toolkit) -> Any:
-    """Assemble (not execute) the report notebook for ``results`` from the registered sections."""
+def results_path(results: Results, reports_dir: str | Path | None) -> str:
+    """The results directory as the report names it: relative to ``reports_dir`` (the directory the notebook
+    is written to and executed in), else relative to the current directory; POSIX separators."""
+    base = Path(reports_dir) if reports_dir is not None else Path.cwd()
+    return Path(os.path.relpath(results.experiment_dir.resolve(), base.resolve())).as_posix()
+
+
+def build_notebook(results: Results, toolkit, reports_dir: str | Path | None = None) -> Any:
+    """Assemble (not execute) the report notebook for ``results`` from the registered sections.
+
+    ``reports_dir``: where the notebook will live and run; the results path in it is relative to it.
+    """
     import nbformat
 
     nb = nbformat.v4.new_notebook()
     nb.metadata["kernelspec"] = {"name": KERNEL, "display_name": "Python 3", "language": "python"}
     nb.metadata["language_info"] = {"name": "python"}
-    path = str(results.experiment_dir.resolve())
+    nb.metadata["title"] = f"SPON report: {results.name}"
+    path = results_path(results, reports_dir)
+    description = " ".join(str(results.metadata.get("description") or "").split())
     named: list[tuple[str, dict]] = [
         ("title", md(f"# SPON experiment report: `{results.name}`\n\n"
-                     f"Built from the results directory `{path}` (run `{results.run_dir.name}`). Every number "
+                     + (f"{description}\n\n" if description else "")
+                     + f"Results: `{path}` (relative to this report; run `{results.run_dir.name}`). Every number "
                      "below was computed by `spon run` and read back from that directory; the cells only "
-                     "draw tables and figures. Rebuild with `spon report RESULTS_DIR`.")),
-        ("parameters", code("results_dir = None  # path of <output-dir>/<experiment>", tags=["parameters"])),
+                     "draw tables and figures. Rebuild with `spon report RESULTS_DIR`; protocol and "
+                     "environment are in the appendix.")),
+        ("parameters", code("results_dir = None  # <output-dir>/<experiment>, relative to this notebook",
+                            tags=["parameters"])),
         ("injected-parameters", code(f"results_dir = {path!r}", tags=["injected-parameters"])),
         ("setup", code("from IPython.display import Markdown, display\n"
                        "from spon_toolkit.report import views\n\n"
                        "R = views.load(results_dir)")),
     ]
     entries = sorted(toolkit.report_sections, key=lambda e: (e.meta.get("order", 100), e.name))
+    appendix = False
     for entry in entries:
+        if not appendix and entry.meta.get("order", 100) >= APPENDIX_ORDER:
+            appendix = True
+            named.append(("appendix", md("# Appendix")))
         try:
             cells = list(entry.factory(results) or [])
         except Exception as exc:
@@ -126,10 +152,47 @@ def execute_notebook(nb, cwd: str | Path, timeout: int = 600) -> list[str]:
             and any(o.get("output_type") == "error" for o in c.get("outputs", []))]
 
 
-def export_html(nb) -> str:
+#: nbconvert template: the ``lab`` template without its external scripts, plus a code switch (pure CSS)
+_TEMPLATE = r"""{%- extends 'lab/index.html.j2' -%}
+{%- block html_head_js -%}{%- endblock html_head_js -%}
+{%- block jupyter_widgets -%}{%- endblock jupyter_widgets -%}
+{%- block html_head_js_mathjax -%}{%- endblock html_head_js_mathjax -%}
+{%- block html_head_js_mermaidjs -%}{%- endblock html_head_js_mermaidjs -%}
+{%- block extra_css -%}
+<style type="text/css">
+/* Code cells are hidden unless the "show code" switch is on (CSS :has(); a browser without it shows code). */
+body:has(#spon-show-code:not(:checked)) .jp-CodeCell .jp-Cell-inputWrapper,
+body:has(#spon-show-code:not(:checked)) .jp-InputPrompt,
+body:has(#spon-show-code:not(:checked)) .jp-OutputPrompt { display: none; }
+body:has(#spon-show-code:not(:checked)) .jp-CodeCell:not(:has(.jp-OutputArea-output)) { display: none; }
+.spon-code-switch { position: fixed; top: 8px; right: 12px; z-index: 10; padding: 4px 10px;
+  background: var(--jp-layout-color1, #fff); border: 1px solid var(--jp-border-color2, #ccc); border-radius: 4px;
+  font: 13px var(--jp-ui-font-family, sans-serif); }
+main { max-width: 1200px; margin: 0 auto; }
+.jp-RenderedImage img { max-width: 100%; height: auto; }
+.jp-RenderedHTMLCommon table { font-size: 12px; }
+@media print { .spon-code-switch { display: none; } }
+</style>
+{%- endblock extra_css -%}
+{%- block body_header -%}
+{{ super() }}
+<label class="spon-code-switch"><input type="checkbox" id="spon-show-code"> show code</label>
+{%- endblock body_header -%}
+"""
+
+
+def html_exporter():
+    """nbconvert's HTMLExporter with the self-contained report template (no script, font or style is
+    fetched from the network: the lab CSS is inlined, images are embedded as data URIs)."""
+    from jinja2 import DictLoader
     from nbconvert import HTMLExporter
 
-    body, _ = HTMLExporter(template_name="lab").from_notebook_node(nb)
+    return HTMLExporter(template_name="lab", template_file="spon_report.html.j2",
+                        extra_loaders=[DictLoader({"spon_report.html.j2": _TEMPLATE})])
+
+
+def export_html(nb) -> str:
+    body, _ = html_exporter().from_notebook_node(nb)
     return body
 
 
@@ -143,7 +206,7 @@ def write_report(results_dir: str | Path, reports_dir: str | Path, toolkit, *, e
 
     results = load_results(results_dir)
     out = check_output_dir(reports_dir, key="--reports-dir")
-    nb = build_notebook(results, toolkit)
+    nb = build_notebook(results, toolkit, reports_dir=out)
     errors = execute_notebook(nb, cwd=out) if execute else []
     ipynb = out / f"{results.name}.ipynb"
     html = out / f"{results.name}.html"

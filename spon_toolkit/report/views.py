@@ -9,21 +9,34 @@ Figures are also saved as PNG under the run's ``figures/`` directory.
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from ..results import BASELINE, Results, load_results
+from . import summary as _summary
+
+
+def _short_warning(message, category, filename, lineno, line=None) -> str:
+    return f"{os.path.basename(filename)}:{lineno}: {category.__name__}: {message}\n"
 
 
 def load(results_dir: str) -> Results:
-    """Load the results directory and set the figure style."""
+    """Load the results directory and set the figure style (called by a report's setup cell).
+
+    Also makes warnings in the report name their file without its directory: a warning stays visible but
+    does not print a path of the machine that built the report."""
+    import warnings
+
     import seaborn as sns
 
+    warnings.formatwarning = _short_warning
     sns.set_theme(style="whitegrid", context="notebook")
     return load_results(results_dir)
 
 
 def _save(results: Results, fig, name: str):
-    fig.tight_layout()
+    if fig.get_layout_engine() is None:  # figures built with layout="constrained" keep their engine
+        fig.tight_layout()
     out = results.run_dir / "figures"
     if out.is_dir():
         fig.savefig(out / f"{name}.png", dpi=110, metadata={"Software": None})
@@ -38,6 +51,58 @@ def _config_order(results: Results) -> list[str]:
     return order
 
 
+def _xticks(ax, labels: list[str]) -> None:
+    """Config names under bars/boxes: horizontal when few, else slanted and right-aligned."""
+    ax.set_xticks(range(len(labels)), labels)
+    if len(labels) <= 5:
+        ax.tick_params(axis="x", rotation=0, labelsize=9)
+    else:
+        ax.tick_params(axis="x", rotation=35, labelsize=9)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+
+
+def _config_sites(results: Results) -> dict[tuple[float, str], dict[str, Any]]:
+    """(sparsity, config) -> its site group (label, main or not)."""
+    return {(g["sparsity"], c): g for g in _summary.site_groups(results.records) for c in g["configs"]}
+
+
+def relative_paths(value: Any, results: Results) -> Any:
+    """``value`` with every absolute path (a string starting with the path separator, also inside lists and
+    dicts) rewritten relative to the results directory, so a report shows no path of the machine that ran it."""
+    if isinstance(value, str):
+        if os.path.isabs(value):
+            return os.path.relpath(value, results.experiment_dir.resolve())
+        return value
+    if isinstance(value, dict):
+        return {k: relative_paths(v, results) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [relative_paths(v, results) for v in value]
+    return value
+
+
+# --- summary --------------------------------------------------------------------------------------
+
+def headline_table(results: Results):
+    """Per sparsity and set of sparsified sites: dense and TEAL PPL, the config with the lowest SPON PPL,
+    its damage recovered with a 95% bootstrap interval, the block-paired test against TEAL, its parameters."""
+    import pandas as pd
+
+    rows = _summary.headline_rows(results.records)
+    return pd.DataFrame(rows, columns=list(_summary.HEADLINE_COLUMNS.values())).style.hide(
+        axis="index").set_uuid("headline")
+
+
+def summary_markdown(results: Results) -> str:
+    """The generated sentences (a bullet each) followed by the one-line protocol, as Markdown."""
+    source = next((r.get("protocol", {}).get("text_source") for r in results.records if r.get("protocol")), None)
+    split = next((r.get("protocol", {}).get("split") for r in results.records if r.get("protocol")), None)
+    if source is not None:
+        source = f"`{relative_paths(source, results)}`" + (f" ({split} split)" if split else "")
+    text = _summary.sentences(results.records, text_source=source)
+    return "\n".join(f"- {s}" for s in text["sentences"]) + f"\n\n<small><i>{text['protocol']}</i></small>"
+
+
 # --- protocol -------------------------------------------------------------------------------------
 
 def protocol(results: Results):
@@ -47,14 +112,17 @@ def protocol(results: Results):
     spec = results.config.get("spec", {})
     proto = next((r.get("protocol") for r in results.records if r.get("protocol")), {}) or {}
     model = results.config.get("model_info", {})
+    spec, proto = relative_paths(spec, results), relative_paths(proto, results)
     rows: list[tuple[str, Any]] = [
         ("experiment", results.name),
-        ("spec file", results.metadata.get("spec_file")),
+        ("spec file", relative_paths(results.metadata.get("spec_file"), results)),
         ("spec hash", results.config.get("spec_hash")),
         ("run", results.run_dir.name),
         ("model", spec.get("model", {}).get("loader")),
     ]
     rows += [(f"model {k}", v) for k, v in model.items()]
+    proto = {**proto, "sites": _summary.sites_label(proto.get("sites") or [])} if isinstance(
+        proto.get("sites"), list) else proto
     rows += [(f"eval {k}", v if not isinstance(v, (dict, list)) else json.dumps(v)) for k, v in proto.items()]
     rows += [
         ("data", json.dumps(spec.get("data", {}))),
@@ -65,28 +133,47 @@ def protocol(results: Results):
         ("seeds", json.dumps(spec.get("seeds"))),
     ]
     rows += [(f"env {k}", v) for k, v in results.metadata.get("environment", {}).items()]
-    return pd.DataFrame(rows, columns=["setting", "value"]).set_index("setting")
+    frame = pd.DataFrame([(k, "-" if v is None else str(v)) for k, v in rows], columns=["setting", "value"])
+    return frame.style.hide(axis="index").set_uuid("protocol").set_properties(**{"text-align": "left"}).set_table_styles(
+        [{"selector": "th", "props": [("text-align", "left")]}])
 
 
 # --- tables ---------------------------------------------------------------------------------------
 
 def ppl_table(results: Results):
-    """Per (sparsity, config): dense / TEAL / SPON perplexity and damage recovered, mean +- std over seeds."""
+    """Per (sparsity, config): sparsified sites, dense / TEAL / SPON perplexity (mean ± std over seeds, 95%
+    Student-t interval), damage recovered (mean ± std, 95% bootstrap interval) and the block-paired test
+    against TEAL on the same sparsified sites."""
     df = results.summary_frame()
+    own = {(r["sparsity"], r["config"]): r for r in _summary.vs_own_teal(results.records)}
+    fp, fpct = _summary.fmt_ppl, _summary.fmt_pct
 
-    def pm(mean, std, scale=1.0, digits=2):
+    def pm(mean, std, f):
         if mean != mean:  # NaN
             return "-"
-        text = f"{mean * scale:.{digits}f}"
-        return text if std != std else f"{text} ± {std * scale:.{digits}f}"
+        return f(mean) if std != std else f"{f(mean)} ± {f(std)}"
 
-    out = df[["sparsity", "config", "n_seeds", "spon_params"]].copy()
-    out["dense PPL"] = df["dense_ppl"].map(lambda v: f"{v:.2f}")
-    out["TEAL PPL (no bias)"] = [pm(m, s) for m, s in zip(df["sparse_ppl"], df["sparse_ppl_std"], strict=False)]
-    out["SPON PPL"] = [pm(m, s) for m, s in zip(df["ppl_mean"], df["ppl_std"], strict=False)]
-    out["95% CI"] = [("-" if lo != lo else f"[{lo:.2f}, {hi:.2f}]") for lo, hi in zip(df["ppl_ci_low"], df["ppl_ci_high"], strict=False)]
-    out["damage recovered %"] = [pm(m, s, 100.0, 1) for m, s in
-                                 zip(df["damage_recovered_mean"], df["damage_recovered_std"], strict=False)]
+    def own_of(s, c):
+        return own.get((s, c)) or {"sites": "?", "damage_ci": (None, None), "test": {}}
+
+    keys = list(zip(df["sparsity"], df["config"], strict=True))
+    out = df[["sparsity", "config"]].copy()
+    out["sparsified sites"] = [own_of(s, c)["sites"] for s, c in keys]
+    out["seeds"] = df["n_seeds"]
+    out["SPON params"] = df["spon_params"].map(_summary.fmt_params)
+    out["dense PPL"] = df["dense_ppl"].map(fp)
+    out["TEAL PPL"] = df["sparse_ppl"].map(fp)  # no seed dependence: calibration and eval are shared
+    out["SPON PPL"] = [pm(m, s, fp) for m, s in zip(df["ppl_mean"], df["ppl_std"], strict=True)]
+    out["SPON 95% CI"] = [_summary.fmt_interval(None if lo != lo else lo, None if hi != hi else hi)
+                     for lo, hi in zip(df["ppl_ci_low"], df["ppl_ci_high"], strict=True)]
+    out["damage recovered %"] = [pm(m, s, fpct) for m, s in
+                                 zip(df["damage_recovered_mean"], df["damage_recovered_std"], strict=True)]
+    out["damage 95% interval"] = [_summary.fmt_interval(*own_of(s, c)["damage_ci"], pct=True) for s, c in keys]
+    out["p vs TEAL"] = [_summary.fmt_p(own_of(s, c)["test"].get("p_value")) if c != BASELINE else "-"
+                        for s, c in keys]
+    out["sparsity"] = out["sparsity"].map(_summary.fmt_sparsity)
+    if (out["SPON 95% CI"] == "-").all():  # one seed: no seed interval to show
+        out = out.drop(columns="SPON 95% CI")
     return out.set_index(["sparsity", "config"])
 
 
@@ -99,6 +186,8 @@ def comparisons_table(results: Results):
 
     rows = []
     for c in results.comparisons.get("comparisons", []):
+        if c.get("same_sparsified_sites") is False:  # compared with its own TEAL in the PPL table instead
+            continue
         seeds = c["ppl_diff_over_seeds"]
         blocks = c.get("nll_diff_over_blocks") or {}
         same = c.get("same_sparsified_sites")
@@ -111,7 +200,7 @@ def comparisons_table(results: Results):
             "p (paired t)": "-" if blocks.get("p_value") is None else f"{blocks['p_value']:.2g}",
             "blocks better": num(blocks.get("fraction_blocks_better"), 2),
             "eval blocks": blocks.get("n"),
-            "same sparsified sites": {True: "yes", False: "no (own TEAL differs)", None: "?"}[same],
+            "same sparsified sites": {True: "yes", None: "?"}[same],
         })
     return pd.DataFrame(rows).set_index(["sparsity", "config"]) if rows else pd.DataFrame()
 
@@ -144,57 +233,118 @@ def ppl_bars(results: Results):
         ax.set_title(f"sparsity {s:g}")
         ax.set_xlabel("")
         ax.set_ylabel("perplexity (lower is better)")
-        ax.tick_params(axis="x", rotation=45)
-        for label in ax.get_xticklabels():
-            label.set_horizontalalignment("right")
-        ax.legend(loc="upper right", fontsize=8)
+        _xticks(ax, [_labels(results).get(c, c) for c in order])
+        top = max(sub["ppl"].max(), sub["sparse_ppl"].max())
+        ax.set_ylim(lo * 0.97, top + 0.35 * (top - lo * 0.97))  # head room for the legend
+        ax.legend(loc="upper left", fontsize=8, ncol=2, markerscale=0.3)
     return _save(results, fig, "ppl_bars")
 
 
 def damage_recovered(results: Results):
-    """Damage recovered = (PPL_TEAL - PPL_SPON) / (PPL_TEAL - PPL_dense), in %, per config and sparsity."""
+    """Damage recovered = (PPL_TEAL - PPL_SPON) / (PPL_TEAL - PPL_dense), in %, per config and sparsity,
+    each against TEAL on its own sparsified sites; error bars: the 95% bootstrap interval of the summary."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    df = results.records_frame()
-    df = df[df["config"] != BASELINE].copy()
-    df["damage recovered (%)"] = 100.0 * df["damage_recovered"]
-    df["sparsity"] = df["sparsity"].map(lambda s: f"{s:g}")
-    fig, ax = plt.subplots(figsize=(8, 4.2))
-    sns.barplot(data=df, x="config", y="damage recovered (%)", hue="sparsity", errorbar="sd", ax=ax,
-                order=[c for c in _config_order(results) if c != BASELINE])
+    rows = {(r["sparsity"], r["config"]): r for r in _summary.vs_own_teal(results.records) if r["spon_params"]}
+    configs = [c for c in _config_order(results) if any(k[1] == c for k in rows)]
+    levels = sorted({k[0] for k in rows})
+    if not rows:
+        fig, ax = plt.subplots(figsize=(6, 1.6))
+        ax.text(0.5, 0.5, "no config with biases in this run", ha="center", va="center")
+        ax.axis("off")
+        return _save(results, fig, "damage_recovered")
+    width = 0.8 / len(levels)
+    fig, ax = plt.subplots(figsize=(max(4.5, 1.6 * len(configs) * len(levels) + 1.5), 4.2))
+    for k, level in enumerate(levels):
+        for i, config in enumerate(configs):
+            row = rows.get((level, config))
+            x = i - 0.4 + width * (k + 0.5)
+            if row is None:
+                continue
+            dr = row["damage_recovered"]
+            if dr is None:
+                ax.text(x, 0, "n/a: TEAL did not\nraise PPL", ha="center", va="bottom", fontsize=7)
+                continue
+            ax.bar(x, 100 * dr, width * 0.9, color=f"C{k}")
+            lo, hi = row["damage_ci"]
+            if lo is not None:
+                ax.errorbar(x, 100 * dr, yerr=[[100 * (dr - lo)], [100 * (hi - dr)]], fmt="none", color="k",
+                            capsize=4, lw=1)
+            ax.annotate(f"{_summary.fmt_pct(dr)}%", (x, 100 * dr), xytext=(4, 3 if dr >= 0 else -12),
+                        textcoords="offset points", ha="left", fontsize=8)
     ax.axhline(0, color="k", lw=0.8)
-    order = [c for c in _config_order(results) if c != BASELINE]
-    for i, c in enumerate(order):
-        if df[df["config"] == c]["damage_recovered"].isna().all():
-            ax.text(i, 0, "n/a: TEAL did not\nraise PPL", ha="center", va="bottom", fontsize=7)
-    ax.set_xlabel("")
-    ax.tick_params(axis="x", rotation=45)
-    for label in ax.get_xticklabels():
-        label.set_horizontalalignment("right")
+    ax.set_xlim(-0.6, len(configs) - 0.4)
+    ax.set_ylabel("damage recovered (%)")
+    _xticks(ax, [_labels(results).get(c, c) for c in configs])
+    if len(levels) > 1:
+        from matplotlib.patches import Patch
+
+        ax.legend(handles=[Patch(color=f"C{k}", label=f"sparsity {level:g}") for k, level in enumerate(levels)],
+                  fontsize=8)
     return _save(results, fig, "damage_recovered")
 
 
-def pareto(results: Results):
-    """SPON parameter count vs mean PPL per config; the Pareto frontier (no cheaper config is better) joined."""
+def _grid(n: int, width: float, height: float, cols: int = 3):
+    """``n`` panels, at most ``cols`` per row; panels beyond ``n`` are removed (no empty panel)."""
     import matplotlib.pyplot as plt
-    import seaborn as sns
 
-    groups = results.pareto.get("by_sparsity", [])
-    fig, ax = plt.subplots(figsize=(7.5, 4.5))
-    palette = sns.color_palette(n_colors=max(1, len(groups)))
-    for gi, (color, g) in enumerate(zip(palette, groups, strict=False)):
+    ncols = min(n, cols)
+    nrows = -(-n // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(width * ncols, height * nrows), squeeze=False)
+    flat = list(axes.flat)
+    for ax in flat[n:]:
+        fig.delaxes(ax)
+    return fig, flat[:n]
+
+
+def pareto(results: Results):
+    """SPON parameter count vs mean PPL, one panel per sparsity and set of sparsified sites; the dashed line
+    joins the frontier (no cheaper config does better). Configs that sparsify other sites get their own
+    panel with their own TEAL point at zero parameters."""
+    groups = [g for g in _summary.pareto_groups(results.records)
+              if any(p["ppl"] is not None for p in g["points"])]
+    fig, axes = _grid(max(1, len(groups)), 5.6, 4.2, cols=2)
+    for ax, g in zip(axes, groups, strict=False):
         pts = [p for p in g["points"] if p["ppl"] is not None]
-        ax.scatter([p["spon_params"] for p in pts], [p["ppl"] for p in pts], color=color, label=f"s={g['sparsity']:g}")
-        for p in pts:
-            ax.annotate(p["config"], (p["spon_params"], p["ppl"]), fontsize=7, xytext=(4, 3 - 9 * gi),
-                        textcoords="offset points", color=color)
         front = [p for c in g["frontier"] for p in pts if p["config"] == c]
-        ax.plot([p["spon_params"] for p in front], [p["ppl"] for p in front], color=color, lw=1.2, ls="--")
-    ax.set_xlabel("SPON parameters")
-    ax.set_ylabel("perplexity (mean over seeds)")
-    ax.legend(title="frontier (dashed)")
+        ax.plot([p["spon_params"] for p in front], [p["ppl"] for p in front], color="C0", lw=1.2, ls="--",
+                zorder=1, label="frontier")
+        xmax = max(p["spon_params"] for p in pts) or 1
+        for p in pts:
+            on = p["config"] in g["frontier"]
+            ax.scatter([p["spon_params"]], [p["ppl"]], color="C0" if on else "0.55", zorder=2,
+                       marker="o" if p["spon_params"] else "s")
+            right = p["spon_params"] > 0.6 * xmax  # labels of right-hand points go to their left
+            ax.annotate(p["config"], (p["spon_params"], p["ppl"]), fontsize=8, xytext=(-6 if right else 6, 4),
+                        textcoords="offset points", ha="right" if right else "left",
+                        color="0.15" if on else "0.45")
+        if g["dense_ppl"] is not None:
+            ax.axhline(g["dense_ppl"], ls=":", color="k", lw=1, label="dense")
+        ax.set_title(f"sparsity {g['sparsity']:g}: {g['label']} sparsified", fontsize=10)
+        ax.set_xlabel("SPON parameters")
+        ax.set_ylabel("perplexity (mean over seeds)")
+        ax.set_xlim(-0.08 * xmax, 1.08 * xmax)
+        ax.margins(y=0.15)
+        ax.legend(fontsize=8, loc="best")
+    if not groups:
+        axes[0].text(0.5, 0.5, "no finished configs", ha="center", va="center")
+        axes[0].axis("off")
     return _save(results, fig, "pareto")
+
+
+def pareto_table(results: Results):
+    """The points of every frontier group: config, SPON parameters, mean PPL and whether it is on the
+    frontier of its (sparsity, sparsified sites) group."""
+    import pandas as pd
+
+    rows = []
+    for g in _summary.pareto_groups(results.records):
+        for p in g["points"]:
+            rows.append({"sparsity": _summary.fmt_sparsity(g["sparsity"]), "sparsified sites": g["label"],
+                         "config": p["config"], "SPON params": _summary.fmt_params(p["spon_params"]),
+                         "PPL": _summary.fmt_ppl(p["ppl"]),
+                         "on frontier": "yes" if p["config"] in g["frontier"] else "no"})
+    return pd.DataFrame(rows).style.hide(axis="index").set_uuid("pareto") if rows else pd.DataFrame()
 
 
 def training_history(results: Results):
@@ -228,51 +378,74 @@ def training_curves(results: Results):
     for ax, s in zip(axes[0], sparsities, strict=False):
         sns.lineplot(data=hist[hist["sparsity"] == s], x="step", y="loss", hue="config", errorbar=("pi", 100), ax=ax,
                      marker="o", markersize=4)
-        ax.set_yscale("log")
+        losses = hist[hist["sparsity"] == s]["loss"]
+        if losses.min() > 0 and losses.max() / losses.min() > 10:  # log scale only where it spans decades
+            ax.set_yscale("log")
         ax.set_title(f"sparsity {s:g}")
         ax.legend(fontsize=7)
     return _save(results, fig, "training_curves")
 
 
 def per_sparsity(results: Results):
-    """Left: PPL against sparsity per config (needs two or more levels). Right: per eval block, the NLL
-    difference to BASELINE-TEAL (same seed, same block; below 0 = better), one box per config and sparsity."""
+    """Per eval block, the NLL difference of each config to TEAL on the same sparsified sites (same seed,
+    same block, averaged over seeds; below 0 = the biases help), one box per config and sparsity; with two
+    or more sparsity levels, a first panel of PPL against sparsity (one line per config)."""
     import matplotlib.pyplot as plt
     import pandas as pd
     import seaborn as sns
 
     df = results.records_frame()
     levels = sorted(df["sparsity"].unique())
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.4), width_ratios=[1, 1.4])
-    ax = axes[0]
-    if len(levels) > 1:
-        sns.lineplot(data=df, x="sparsity", y="ppl", hue="config", marker="o", errorbar="sd", ax=ax,
-                     hue_order=_config_order(results))
-        ax.axhline(df["dense_ppl"].mean(), ls="--", color="k", lw=1, label="dense")
-        ax.set_xticks(levels)
-        ax.set_ylabel("perplexity")
-        ax.legend(fontsize=7)
-    else:
-        ax.text(0.5, 0.5, f"one sparsity level ({levels[0]:g}) in this run:\nPPL vs sparsity needs two or more",
-                ha="center", va="center", fontsize=9)
-        ax.axis("off")
-    base = {(r["sparsity"], r["seed"]): (r.get("block_nll") or {}).get("spon") for r in results.records
-            if r["config"] == BASELINE}
+    labels = _labels(results)
     rows = []
     for r in results.records:
-        b = base.get((r["sparsity"], r["seed"]))
-        mine = (r.get("block_nll") or {}).get("spon")
-        if r["config"] == BASELINE or not b or not mine or len(b) != len(mine):
+        mine, teal = (r.get("block_nll") or {}).get("spon"), (r.get("block_nll") or {}).get("sparse")
+        if not r.get("spon_params") or not mine or not teal or len(mine) != len(teal):
             continue
-        rows += [{"config": r["config"], "sparsity": f"{r['sparsity']:g}", "ΔNLL vs BASELINE-TEAL": x - y}
-                 for x, y in zip(mine, b, strict=True)]
-    ax = axes[1]
-    if rows:
-        sns.boxplot(data=pd.DataFrame(rows), x="config", y="ΔNLL vs BASELINE-TEAL", hue="sparsity", ax=ax,
-                    order=[c for c in _config_order(results) if c != BASELINE], fliersize=2)
+        rows += [{"config": labels.get(r["config"], r["config"]), "sparsity": f"{r['sparsity']:g}", "seed": r["seed"],
+                  "block": i, "ΔNLL vs own TEAL": x - y} for i, (x, y) in enumerate(zip(mine, teal, strict=True))]
+    blocks = pd.DataFrame(rows)
+    if not blocks.empty:  # paired by block: average over seeds first (the blocks are shared by seeds)
+        blocks = blocks.groupby(["config", "sparsity", "block"], as_index=False, sort=False)["ΔNLL vs own TEAL"].mean()
+    panels = (len(levels) > 1) + (not blocks.empty)
+    if panels == 0:
+        fig, ax = plt.subplots(figsize=(6, 1.6))
+        ax.text(0.5, 0.5, "one sparsity level and no config with biases: nothing to compare", ha="center",
+                va="center")
+        ax.axis("off")
+        return _save(results, fig, "per_sparsity")
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 4.4), squeeze=False, layout="constrained")
+    axes = list(axes[0])
+    if len(levels) > 1:
+        ax = axes.pop(0)
+        groups = _config_sites(results)
+        lines = df.assign(**{"sparsified sites": [groups[(s_, c)]["label"] for s_, c in zip(df["sparsity"], df["config"],
+                                                                                             strict=True)]})
+        # configs that sparsify other sites are dashed and named with their sites: not on the same footing
+        sns.lineplot(data=lines, x="sparsity", y="ppl", hue="config", style="sparsified sites", marker="o",
+                     errorbar="sd", err_style="bars", ax=ax, hue_order=_config_order(results))
+        ax.axhline(df["dense_ppl"].mean(), ls=":", color="k", lw=1, label="dense")
+        ax.set_xticks(levels)
+        ax.set_ylabel("SPON perplexity")
+        ax.set_title("perplexity against sparsity", fontsize=10)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    if not blocks.empty:
+        ax = axes.pop(0)
+        order = [labels.get(c, c) for c in _config_order(results) if labels.get(c, c) in set(blocks["config"])]
+        sns.boxplot(data=blocks, x="config", y="ΔNLL vs own TEAL", hue="sparsity" if len(levels) > 1 else None,
+                    ax=ax, order=order, fliersize=2, width=0.5 if len(levels) == 1 else 0.8)
         ax.axhline(0, color="k", lw=0.8)
         ax.set_xlabel("")
-        ax.tick_params(axis="x", rotation=30)
-    else:
-        ax.axis("off")
+        ax.set_ylabel("ΔNLL per token vs TEAL, same sites")
+        ax.set_title("per eval block (mean over seeds); below 0 = biases help", fontsize=10)
+        _xticks(ax, order)
     return _save(results, fig, "per_sparsity")
+
+
+def _labels(results: Results) -> dict[str, str]:
+    """Config name -> axis label; configs that sparsify other sites than the main set say which."""
+    out: dict[str, str] = {}
+    for (_, config), g in _config_sites(results).items():
+        if not g["main"]:
+            out[config] = f"{config}\n({g['label']} sparsified)"
+    return out
