@@ -1,0 +1,120 @@
+"""Running an importance method through a toolkit's registry with an on-disk cache keyed by model
+fingerprint, token-data hash, method, options, sparsifier state and sites."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from ..atomic import atomic_write_text
+from ..errors import PluginError
+from ..sites import SiteMap
+from ..sparse import iter_input_ids
+from ..sparsifiers import Sparsifier
+from .methods import ImportanceResult
+
+CACHE_VERSION = 1
+
+
+def hash_batches(batches: Iterable) -> str:
+    """A short hash of the token ids (shapes and values) of the calibration blocks."""
+    h = hashlib.sha256()
+    for ids in iter_input_ids(batches):
+        ids = ids.detach().to("cpu", torch.int64).contiguous()
+        h.update(repr(tuple(ids.shape)).encode())
+        h.update(ids.numpy().tobytes())
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}  # keep model order; keys sort in cache_key
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return repr(value)
+
+
+def cache_key(*, fingerprint: str, data_hash: str, method: str, options: Mapping[str, Any],
+              sparsifier: Sparsifier | None, sites: Sequence[str]) -> str:
+    """The cache key of one importance computation (a hex digest over everything that changes the result)."""
+    payload = {
+        "version": CACHE_VERSION, "fingerprint": fingerprint, "data": data_hash, "method": method,
+        "options": _jsonable({k: v for k, v in options.items() if k != "progress"}),
+        "sparsifier": _jsonable(sparsifier.state_dict()) if sparsifier is not None else None,
+        "sites": list(sites),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _with_defaults(fn: Callable, options: Mapping[str, Any]) -> dict[str, Any]:
+    """``options`` completed with the method's keyword defaults, so that spelling out a default option
+    and leaving it out give the same cache key."""
+    try:
+        params = inspect.signature(fn).parameters.values()
+    except (TypeError, ValueError):
+        return dict(options)
+    defaults = {p.name: p.default for p in params
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+    return {**defaults, **options}
+
+
+def default_cache_dir() -> Path:
+    from ..models import user_cache_dir
+
+    return user_cache_dir() / "importance"
+
+
+def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None = None,
+                       sites: str | Iterable[str] | None = "down_proj", *, toolkit=None,
+                       cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
+                       **options: Any) -> ImportanceResult:
+    """Run importance method ``method`` (a plugin) with an on-disk cache.
+
+    The cache key covers the model fingerprint, a hash of the token blocks, the method, its options, the
+    sparsifier's state (thresholds included) and the resolved sites. ``meta["cache"]`` says ``"hit"`` or
+    ``"miss"``; a hit keeps the wall time of the run that computed it.
+    """
+    from ..models import model_fingerprint
+
+    if toolkit is None:
+        from ..plugins import default_toolkit
+
+        toolkit = default_toolkit()
+    entry = toolkit.importance_methods.entry(method)
+    batches = list(iter_input_ids(batches))
+    resolved = SiteMap(model).resolve(sites) if sites else []
+    path = None
+    if use_cache:
+        key = cache_key(fingerprint=model_fingerprint(model), data_hash=hash_batches(batches), method=method,
+                        options=_with_defaults(entry.factory, options), sparsifier=sparsifier, sites=resolved)
+        path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        path = path / f"{method}-{key[:24]}.json"
+        if path.is_file():
+            try:
+                result = ImportanceResult.from_dict(json.loads(path.read_text()))
+                result.meta["cache"] = "hit"
+                return result
+            except (OSError, ValueError, TypeError):
+                pass  # a damaged cache entry is recomputed and overwritten
+    result = entry.factory(model, batches, sparsifier, resolved, **options)
+    if not isinstance(result, ImportanceResult):
+        raise PluginError(f"importance method '{method}' (plugin '{entry.plugin}') returned "
+                          f"{type(result).__name__}, not an ImportanceResult")
+    result.meta["cache"] = "miss" if use_cache else "off"
+    if path is not None:
+        _atomic_write_json(path, result.to_dict())
+    return result
+
+
+def _atomic_write_json(path: Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(_jsonable(data), indent=1))

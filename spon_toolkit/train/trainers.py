@@ -1,0 +1,337 @@
+"""The built-in trainers: the distillation loop (teacher cache, AdamW, schedule, clipping) and its objectives
+(``kl``, ``reverse_kl``, ``js`` on the logits; ``hidden_mse`` on the sparsified sites' outputs)."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from ..errors import ConfigError
+from ..losses import chunked_divergence, hidden_mse
+from ..sparse import SparseModel, iter_input_ids, model_device
+from .options import TrainingDivergedError, TrainOptions, TrainResult, _write_csv_atomic, lr_factor
+from .surgery import HeadSplit, _SparsifierView, split_head
+
+
+class DistillationTrainer:
+    """The shared training loop. Subclasses define :meth:`teacher_targets` and :meth:`student_loss`."""
+
+    objective = "base"
+
+    def __init__(self, **options: Any):
+        self.options = TrainOptions.from_options(options)
+
+    # -- objective interface ----------------------------------------------------------------------------
+    def prepare(self, sm: SparseModel) -> None:
+        """Called once before training (e.g. to split the model or install capture hooks)."""
+
+    def finish(self, sm: SparseModel) -> None:
+        """Called once after training, also on errors (undo :meth:`prepare`)."""
+
+    def teacher_targets(self, sm: SparseModel, ids: torch.Tensor) -> Any:
+        """Targets from the dense model for one batch (called under ``no_grad`` and ``sm.dense()``)."""
+        raise NotImplementedError
+
+    def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: Any) -> torch.Tensor:
+        """The scalar loss of the sparse model with biases on one batch (with gradients)."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _nbytes(obj: Any) -> int:
+        if isinstance(obj, torch.Tensor):
+            return obj.numel() * obj.element_size()
+        if isinstance(obj, dict):
+            return sum(DistillationTrainer._nbytes(v) for v in obj.values())
+        return 0
+
+    # -- the loop ---------------------------------------------------------------------------------------
+    def _autocast(self, device: torch.device):
+        mode = self.options.autocast
+        if mode == "off" or (mode == "auto" and device.type != "cuda"):
+            return contextlib.nullcontext()
+        if mode == "auto" and not (torch.cuda.is_available() and torch.cuda.is_bf16_supported()):
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+    def _init_biases(self, sm: SparseModel, batches: list[torch.Tensor]) -> None:
+        opts = self.options
+        biases = sm.biases
+        assert biases is not None
+        if opts.init == "keep":
+            return
+        with torch.no_grad():
+            for p in biases.params.values():
+                p.zero_()
+        if opts.init == "closed_form":
+            if sm.sparsifier is None:
+                raise ConfigError("closed-form initialisation needs a sparsifier on the model")
+            calib = batches if opts.init_batches is None else batches[: int(opts.init_batches)]
+            view = _SparsifierView(sm.sparsifier, sm.sparse_sites)
+            with sm.dense(), torch.no_grad():
+                biases.init_closed_form(sm.model, view, calib)
+                if opts.init_scale != 1.0:
+                    for p in biases.params.values():
+                        p.mul_(opts.init_scale)
+
+    def train(
+        self,
+        sparse_model: SparseModel,
+        batches: Iterable,
+        *,
+        calibration_batches: Iterable | None = None,
+    ) -> TrainResult:
+        """Train ``sparse_model.biases`` on ``batches`` (token-id tensors or dicts with ``input_ids``).
+
+        ``calibration_batches`` feed the closed-form initialisation (default: the training batches).
+        Returns a :class:`TrainResult`; writes the metrics CSV when ``metrics_csv`` is set.
+        """
+        opts = self.options
+        sm = sparse_model
+        if sm.biases is None or not sm.biases.sites:
+            raise ConfigError("no sites carry a SPON bias, so there is nothing to train; give bias sites "
+                              "(e.g. --bias-sites down_proj)")
+        model = sm.model
+        device = model_device(model)
+        data = [ids.to(device) for ids in iter_input_ids(batches)]
+        if not data:
+            raise ConfigError("no training batches; give at least one batch of token ids")
+        params = [p for p in sm.biases.params.values()]
+        tokens_per_batch = [ids.numel() for ids in data]
+        n = len(data)
+        if opts.max_tokens is not None:
+            steps = 0
+            budget = int(opts.max_tokens)
+            while budget > 0:
+                budget -= tokens_per_batch[steps % n]
+                steps += 1
+        else:
+            steps = int(opts.epochs) * n
+        warmup = int(opts.warmup_steps) if opts.warmup_steps is not None else int(opts.warmup_ratio * steps)
+
+        frozen = [(p, p.requires_grad) for p in model.parameters()]
+        was_training = model.training
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(opts.seed)
+            gen = torch.Generator().manual_seed(opts.seed)
+            try:
+                for p, _ in frozen:
+                    p.requires_grad_(False)
+                for p in params:
+                    p.requires_grad_(True)
+                model.eval()
+                self.prepare(sm)
+                self._init_biases(sm, list(iter_input_ids(calibration_batches)) if calibration_batches
+                                  is not None else data)
+                return self._loop(sm, data, params, steps, warmup, gen, device)
+            finally:
+                self.finish(sm)
+                for p, flag in frozen:
+                    p.requires_grad_(flag)
+                model.train(was_training)
+
+    def _loop(self, sm, data, params, steps, warmup, gen, device) -> TrainResult:
+        opts = self.options
+        optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, betas=tuple(opts.betas),
+                                      weight_decay=opts.weight_decay)
+        n = len(data)
+        cache: dict[int, Any] = {}
+        cache_bytes = 0
+        cache_full = False
+        metrics: list[dict[str, float]] = []
+        losses: list[float] = []
+        window_loss, window_norm, window_steps, window_tokens = 0.0, 0.0, 0, 0
+        last_good = [p.detach().clone() for p in params]
+        tokens_seen = 0
+        start = window_start = time.perf_counter()
+        order: list[int] = []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=steps, desc=f"train {self.objective}", unit="step",
+                   disable=None if opts.progress else True, leave=False)
+        try:
+            for step in range(steps):
+                epoch, pos = divmod(step, n)
+                if pos == 0:
+                    order = (torch.randperm(n, generator=gen).tolist() if opts.shuffle else list(range(n)))
+                idx = order[pos]
+                ids = data[idx]
+                lr = opts.learning_rate * lr_factor(step, steps, warmup, opts.schedule, opts.min_lr_ratio)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+
+                targets = cache.get(idx)
+                if targets is None:
+                    with torch.no_grad(), sm.dense(), self._autocast(device):
+                        targets = self.teacher_targets(sm, ids)
+                    size = self._nbytes(targets)
+                    if not cache_full and cache_bytes + size <= opts.teacher_cache_mb * 2**20:
+                        cache[idx] = targets
+                        cache_bytes += size
+                    else:
+                        cache_full = True
+
+                with self._autocast(device):
+                    loss = self.student_loss(sm, ids, targets)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    self._restore(params, last_good)
+                    raise TrainingDivergedError(
+                        f"loss became {value} at step {step + 1}; biases reset to the last finite-loss values "
+                        f"(lower the learning rate, currently {opts.learning_rate:g}, or use float32)")
+                for p, good in zip(params, last_good, strict=True):
+                    good.copy_(p.detach())
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if opts.max_grad_norm is not None:
+                    norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
+                else:
+                    norm = float(torch.linalg.vector_norm(torch.stack(
+                        [torch.linalg.vector_norm(p.grad) for p in params if p.grad is not None])))
+                if not math.isfinite(norm):
+                    self._restore(params, last_good)
+                    raise TrainingDivergedError(
+                        f"gradient norm became {norm} at step {step + 1}; biases reset to the last "
+                        f"finite-loss values (lower the learning rate or use float32)")
+                optimizer.step()
+
+                tokens_seen += ids.numel()
+                losses.append(value)
+                window_loss += value
+                window_norm += norm
+                window_steps += 1
+                window_tokens += ids.numel()
+                bar.update(1)
+                if (step + 1) % opts.logging_steps == 0 or step + 1 == steps:
+                    now = time.perf_counter()
+                    row = {
+                        "step": step + 1, "epoch": epoch + 1, "tokens": tokens_seen,
+                        "loss": window_loss / window_steps, "lr": lr, "grad_norm": window_norm / window_steps,
+                        "tokens_per_s": window_tokens / max(now - window_start, 1e-9),
+                        "elapsed_s": now - start,
+                    }
+                    metrics.append(row)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                    window_loss, window_norm, window_steps, window_tokens = 0.0, 0.0, 0, 0
+                    window_start = now
+        finally:
+            bar.close()
+            if opts.metrics_csv and metrics:
+                _write_csv_atomic(opts.metrics_csv, metrics)
+        return TrainResult(
+            final_loss=metrics[-1]["loss"], mean_loss=sum(losses) / len(losses),
+            training_loss=[m["loss"] for m in metrics], metrics=metrics, steps=steps, tokens=tokens_seen,
+            seconds=time.perf_counter() - start, objective=self.objective, options=opts.to_dict(),
+            teacher_cached=len(cache) == n, metrics_csv=opts.metrics_csv,
+        )
+
+    @staticmethod
+    @torch.no_grad()
+    def _restore(params: list[torch.Tensor], good: list[torch.Tensor]) -> None:
+        for p, g in zip(params, good, strict=True):
+            p.copy_(g)
+
+
+class LogitDistillationTrainer(DistillationTrainer):
+    """Match next-token distributions with a divergence of :mod:`spon_toolkit.losses` (``kl`` ...).
+
+    Teacher targets are the final hidden states of the dense model (``tokens x hidden``, cheap to cache);
+    the loss re-derives teacher logits chunk by chunk through the frozen head.
+    """
+
+    divergence = "kl"
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self.objective = self.divergence
+        self._split: HeadSplit | None = None
+
+    def prepare(self, sm: SparseModel) -> None:
+        self._split = split_head(sm.model)
+
+    def teacher_targets(self, sm: SparseModel, ids: torch.Tensor) -> torch.Tensor:
+        assert self._split is not None
+        return self._split.body(ids).detach()
+
+    def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert self._split is not None
+        head = self._split.head
+        flat_t = targets.reshape(-1, targets.shape[-1])
+
+        def teacher(sl: slice) -> torch.Tensor:
+            with torch.no_grad():
+                return head(flat_t[sl])
+
+        hidden = self._split.body(ids)
+        return chunked_divergence(teacher, hidden, divergence=self.divergence, head=head,
+                                  chunk_size=self.options.chunk_size, temperature=self.options.temperature)
+
+
+class KLTrainer(LogitDistillationTrainer):
+    """``KL(p_dense || p_sparse)`` per token, averaged over tokens: SPON's objective (the default)."""
+
+    divergence = "kl"
+
+
+class ReverseKLTrainer(LogitDistillationTrainer):
+    """``KL(p_sparse || p_dense)``: mode-seeking; a loss ablation."""
+
+    divergence = "reverse_kl"
+
+
+class JSTrainer(LogitDistillationTrainer):
+    """Jensen-Shannon divergence between dense and sparse next-token distributions; a loss ablation."""
+
+    divergence = "js"
+
+
+class HiddenMSETrainer(DistillationTrainer):
+    """Relative MSE between dense and sparse outputs of the sparsified sites (after the SPON bias).
+
+    Targets are the dense outputs of every sparsified site (cached while they fit in ``teacher_cache_mb``,
+    otherwise recomputed each step). A loss ablation: it matches what each layer emits rather than what
+    the model predicts.
+    """
+
+    objective = "hidden_mse"
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        self._captured: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def prepare(self, sm: SparseModel) -> None:
+        if not sm.sparse_sites:
+            raise ConfigError("hidden_mse compares the outputs of sparsified sites, but none are sparsified")
+
+        def make_hook(site: str):
+            def hook(module, args, output):
+                self._captured[site] = output
+
+            return hook
+
+        # Registered after the bias hooks, so the student's captured output includes its bias.
+        self._handles = [sm.sitemap.module(s).register_forward_hook(make_hook(s)) for s in sm.sparse_sites]
+
+    def finish(self, sm: SparseModel) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._captured = {}
+
+    def _run(self, sm: SparseModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        self._captured = {}
+        base = getattr(sm.model, "base_model", sm.model)
+        base(input_ids=ids, use_cache=False)
+        out, self._captured = self._captured, {}
+        return out
+
+    def teacher_targets(self, sm: SparseModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {s: t.detach() for s, t in self._run(sm, ids).items()}
+
+    def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        return hidden_mse(targets, self._run(sm, ids))
