@@ -176,11 +176,14 @@ class Checkpoint:
         sites: Iterable[str] | None = None,
         sparsity: Any = None,
         check_fingerprint: bool = True,
+        sitemap: SiteMap | None = None,
     ) -> None:
-        """Refuse to apply this checkpoint to another model, other bias sites or another sparsity."""
+        """Refuse to apply this checkpoint to another model, other bias sites or another sparsity.
+        ``sitemap``: the model's sites (pass ``SiteMap(model, toolkit.architectures)`` for architectures
+        registered by plugins; the default knows the built-in ones)."""
         where = f"checkpoint '{self.path}'"
         recorded = self.metadata.get("model", {})
-        sitemap = SiteMap(model)
+        sitemap = sitemap or SiteMap(model)
         if recorded.get("model_type") not in (None, sitemap.model_type) or recorded.get("n_layers") not in (
             None, sitemap.n_layers
         ):
@@ -221,34 +224,32 @@ class Checkpoint:
                 f"{where} was trained at sparsity {self.sparsity}, not {sparsity}; biases do not transfer "
                 f"between sparsities -- train for {sparsity} or evaluate at {self.sparsity}")
 
-    def sparsifier(self, toolkit=None):
-        """Rebuild the recorded sparsifier (with its calibrated state) through the sparsifier plugins."""
+    def sparsifier(self, toolkit):
+        """Rebuild the recorded sparsifier (with its calibrated state) through ``toolkit``'s sparsifiers."""
         info = self.metadata.get("sparsifier")
         if not info:
             return None
-        if toolkit is None:
-            from .plugins import default_toolkit
-
-            toolkit = default_toolkit()
         state = restore_sparsifier_state(info["state"])
         sp = build_sparsifier(toolkit, info["name"], state["sparsity"])
         sp.load_state_dict(state)
         return sp
 
-    def biases(self, model: nn.Module, *, dtype: torch.dtype = torch.float32):
+    def biases(self, model: nn.Module, *, dtype: torch.dtype = torch.float32, sitemap: SiteMap | None = None):
         """A :class:`spon_toolkit.sparse.SponBiases` on ``model`` filled from this checkpoint."""
         from .sparse import SponBiases
 
-        b = SponBiases(model, self.sites, parametrisation=self.parametrisation, dtype=dtype)
+        b = SponBiases(model, self.sites, parametrisation=self.parametrisation, dtype=dtype, sitemap=sitemap)
         b.load_tensors(self.tensors)
         return b
 
-    def apply(self, model: nn.Module, *, check_fingerprint: bool = True, toolkit=None):
+    def apply(self, model: nn.Module, toolkit, *, check_fingerprint: bool = True):
         """Validate, then attach the recorded sparsifier and the biases: returns a ``SparseModel``."""
         from .sparse import SparseModel
 
-        self.validate(model, check_fingerprint=check_fingerprint)
-        return SparseModel(model, self.sparsifier(toolkit), self.sparse_sites, biases=self.biases(model))
+        sitemap = SiteMap(model, toolkit.architectures)
+        self.validate(model, check_fingerprint=check_fingerprint, sitemap=sitemap)
+        return SparseModel(model, self.sparsifier(toolkit), self.sparse_sites, sitemap=sitemap,
+                           biases=self.biases(model, sitemap=sitemap))
 
 
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:

@@ -459,11 +459,8 @@ class SparseDecoder:
 def decode_mode(model: nn.Module, sparsifier: Sparsifier, sites: Iterable[str] | str, *, biases: Any = None,
                 toolkit=None, **kwargs: Any) -> Iterator[SparseDecoder]:
     """``with decode_mode(model, thr, "all", biases=b): model.generate(...)`` (see :class:`SparseDecoder`)."""
-    if toolkit is None:
-        from .plugins import default_toolkit
-
-        toolkit = default_toolkit()
-    decoder = SparseDecoder(model, sparsifier, sites, sitemap=SiteMap(model, toolkit.architectures),
+    sitemap = SiteMap(model, toolkit.architectures if toolkit is not None else None)
+    decoder = SparseDecoder(model, sparsifier, sites, sitemap=sitemap,
                             biases=biases, **kwargs)
     with decoder:
         yield decoder

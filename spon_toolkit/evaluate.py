@@ -26,10 +26,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .activations import batch_parts, model_device
 from .errors import ConfigError
 from .models import context_length, dtype_name, model_fingerprint, model_name
 from .sites import MODULES, SiteMap, parse_site, site_name
-from .sparse import SparseModel, SponBiases, batch_parts, model_device
+from .sparse import SparseModel, SponBiases
 from .sparsifiers import MagnitudeSparsifier, Sparsifier
 
 

@@ -153,22 +153,25 @@ def export_model(
     return out_dir
 
 
-def export_checkpoint(checkpoint, model: nn.Module, out_dir: str | os.PathLike, *, tokenizer=None,
-                      check_fingerprint: bool = True, overwrite: bool = False, toolkit=None) -> Path:
+def export_checkpoint(checkpoint, model: nn.Module, out_dir: str | os.PathLike, *, toolkit, tokenizer=None,
+                      check_fingerprint: bool = True, overwrite: bool = False) -> Path:
     """Export a :class:`spon_toolkit.checkpoint.Checkpoint` (or its path) applied to ``model``."""
     from .checkpoint import Checkpoint, load_checkpoint
 
     ckpt = checkpoint if isinstance(checkpoint, Checkpoint) else load_checkpoint(checkpoint)
-    ckpt.validate(model, check_fingerprint=check_fingerprint)
-    biases = ckpt.biases(model)
+    from .sites import SiteMap
+
+    sitemap = SiteMap(model, toolkit.architectures)
+    ckpt.validate(model, check_fingerprint=check_fingerprint, sitemap=sitemap)
+    biases = ckpt.biases(model, sitemap=sitemap)
     return export_model(
         model, biases, out_dir, sparsifier=ckpt.sparsifier(toolkit), sparse_sites=ckpt.sparse_sites,
         tokenizer=tokenizer, metadata={"checkpoint": str(ckpt.path), **ckpt.metadata}, overwrite=overwrite,
     )
 
 
-def load_exported(path: str | os.PathLike, *, dtype: torch.dtype | str | None = None, device: str = "cpu",
-                  toolkit=None):
+def load_exported(path: str | os.PathLike, *, toolkit, dtype: torch.dtype | str | None = None,
+                  device: str = "cpu"):
     """Load an exported directory and re-attach its sparsification: returns ``(SparseModel, tokenizer)``.
 
     The tokenizer is ``None`` when the directory has none.
@@ -188,18 +191,16 @@ def load_exported(path: str | os.PathLike, *, dtype: torch.dtype | str | None = 
     kwargs: dict[str, Any] = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(path, **kwargs).to(device).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=True, **kwargs).to(device).eval()
     tokenizer = None
     with contextlib.suppress(Exception):
         tokenizer = AutoTokenizer.from_pretrained(path)
     sparsifier = None
     if doc.get("sparsifier"):
-        if toolkit is None:
-            from .plugins import default_toolkit
-
-            toolkit = default_toolkit()
         state = restore_sparsifier_state(doc["sparsifier"]["state"])
         sparsifier = build_sparsifier(toolkit, doc["sparsifier"]["name"], state["sparsity"])
         sparsifier.load_state_dict(state)
-    sm = SparseModel(model, sparsifier, doc.get("sparse_sites") or ())
+    from .sites import SiteMap
+
+    sm = SparseModel(model, sparsifier, doc.get("sparse_sites") or (), sitemap=SiteMap(model, toolkit.architectures))
     return sm, tokenizer

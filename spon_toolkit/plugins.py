@@ -19,7 +19,6 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
-import pkgutil
 import sys
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -69,11 +68,23 @@ def _blocked_from_env() -> set[str]:
     return {n.strip() for n in os.environ.get(ENV_BLOCK, "").split(",") if n.strip()}
 
 
-def builtin_module_names() -> list[str]:
-    """The modules of ``spon_toolkit.builtin`` (each one is a plugin), sorted."""
-    from . import builtin
+#: The built-in plugins, in load order (alphabetical): each is a module of :mod:`spon_toolkit.builtin`
+#: registered as ``spon.<module>``. Listed, not discovered, so a stray file in the package is never loaded as a plugin
+#: (``tests/test_plugins.py`` checks the list against the package).
+BUILTIN_PLUGINS: tuple[str, ...] = (
+    "allocations", "analysis_sections", "analyzers", "architectures", "cmd_analyze", "cmd_doctor", "cmd_eval",
+    "cmd_importance", "cmd_lmeval", "cmd_plugins", "cmd_run", "cmd_sae", "cmd_train", "downstream_sections",
+    "importance", "loaders", "report_sections", "sae_analyzer", "sparsifiers", "trainers",
+)
 
-    return sorted(m.name for m in pkgutil.iter_modules(builtin.__path__) if not m.name.startswith("_"))
+#: Built-ins that cannot be blocked: every model needs the architecture table, and ``spon plugins`` must
+#: always be able to say what is loaded.
+UNBLOCKABLE: frozenset[str] = frozenset({"spon.architectures", "spon.cmd_plugins"})
+
+
+def builtin_module_names() -> list[str]:
+    """The modules of ``spon_toolkit.builtin`` that are plugins, in load order."""
+    return list(BUILTIN_PLUGINS)
 
 
 def _load_plugins_dir(pm: pluggy.PluginManager, directory: Path, infos: dict[str, PluginInfo]) -> None:
@@ -133,7 +144,10 @@ def get_plugin_manager(
     pm.add_hookspecs(hookspecs)
     infos: dict[str, PluginInfo] = {}
     pm.spon_plugin_infos = infos  # type: ignore[attr-defined]
-    for name in _blocked_from_env() | set(blocked or ()):
+    for name in sorted(_blocked_from_env() | set(blocked or ())):
+        if name in UNBLOCKABLE:
+            raise PluginError(f"the built-in plugin '{name}' cannot be blocked (the toolkit needs it); remove it "
+                              f"from {ENV_BLOCK} or the blocked set")
         pm.set_blocked(name)
 
     if plugins_dir is None:

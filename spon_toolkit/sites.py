@@ -52,6 +52,12 @@ class ArchSpec:
 #: The naming shared by Llama, Mistral, Qwen2/Qwen3, Gemma and SmolLM2.
 LLAMA_NAMING = ArchSpec()
 
+#: The architectures every toolkit knows (registered by the ``spon.architectures`` built-in plugin, which
+#: cannot be blocked). A :class:`SiteMap` built without a toolkit's registry knows these and no others.
+BUILTIN_ARCHITECTURES: dict[str, ArchSpec] = {
+    t: LLAMA_NAMING for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+}
+
 
 def site_name(layer: int, module: str) -> str:
     return f"layers.{layer}.{module}"
@@ -75,16 +81,18 @@ class SiteMap:
     """The sites of one loaded model and the modules behind them."""
 
     def __init__(self, model: nn.Module, architectures=None):
+        """``architectures``: a toolkit's registry (``toolkit.architectures``) or a ``{model_type: ArchSpec}``
+        mapping; without it only :data:`BUILTIN_ARCHITECTURES` are known (pass the toolkit's registry for
+        architectures registered by plugins)."""
         if architectures is None:
-            from .plugins import default_toolkit
-
-            architectures = default_toolkit().architectures
+            architectures = BUILTIN_ARCHITECTURES
         config = getattr(model, "config", None)
         model_type = getattr(config, "model_type", None)
+        known = architectures.names() if hasattr(architectures, "names") else architectures.keys()
         if model_type not in architectures:
             raise UnknownNameError(
-                f"architecture '{model_type}' is not supported (known: {', '.join(sorted(architectures.names()))}); "
-                f"register an ArchSpec for it with the spon_register_architectures hook"
+                f"architecture '{model_type}' is not supported (known: {', '.join(sorted(known))}); "
+                f"register an ArchSpec for it with the spon_register_architectures hook and pass that toolkit"
             )
         self.model_type: str = model_type
         self.arch: ArchSpec = architectures.get(model_type)

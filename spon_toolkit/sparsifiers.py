@@ -200,8 +200,8 @@ class ThresholdSparsifier(Sparsifier):
         self._fns: dict[float, Callable] = {}
 
     def calibrate(self, model, sites, batches, sitemap=None) -> None:
+        from .activations import collect_site_inputs
         from .sites import SiteMap
-        from .sparse import collect_site_inputs
 
         sitemap = sitemap or SiteMap(model)
         sites = sitemap.resolve(sites)

@@ -37,3 +37,11 @@ def tiny_model():
 def tiny_ids():
     g = torch.Generator().manual_seed(1)
     return torch.randint(0, 256, (2, 16), generator=g)
+
+
+@pytest.fixture(scope="session")
+def builtin_toolkit():
+    """A toolkit with the built-in plugins only (entry points are off in tests), built once."""
+    from spon_toolkit.plugins import Toolkit
+
+    return Toolkit(plugins_dir=tempfile.mkdtemp(prefix="spon-noplugins-"))

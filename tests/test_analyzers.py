@@ -20,8 +20,8 @@ from spon_toolkit.analysis.pca import alignment, random_max_cos, single_cos_null
 from spon_toolkit.analysis.probes import probe_accuracy
 from spon_toolkit.analysis.prompts import builtin_categories, load_prompts
 from spon_toolkit.analysis.runs import check_analyzer
-from spon_toolkit.contracts import run_analyzer
 from spon_toolkit.analysis.stats import bias_statistics, excess_kurtosis, permutation_test
+from spon_toolkit.contracts import run_analyzer
 from spon_toolkit.errors import ConfigError, PluginError
 from spon_toolkit.plugins import Toolkit
 

@@ -24,7 +24,7 @@ def _trained(model, sites=("layers.0.down_proj", "layers.1.o_proj"), parametrisa
 
 
 @pytest.mark.parametrize("parametrisation", ["output", "input"])
-def test_round_trip_restores_logits_and_metadata(tmp_path, tiny_ids, parametrisation):
+def test_round_trip_restores_logits_and_metadata(tmp_path, tiny_ids, parametrisation, builtin_toolkit):
     model = make_tiny_llama(seed=0)
     sp = ThresholdSparsifier(0.5)
     sp.calibrate(model, ["down_proj", "o_proj"], [tiny_ids])
@@ -45,22 +45,22 @@ def test_round_trip_restores_logits_and_metadata(tmp_path, tiny_ids, parametrisa
     assert meta["training"]["learning_rate"] == 3e-3 and meta["data"]["text_sha256"] == "abc"
     assert meta["toolkit_version"]
     fresh = make_tiny_llama(seed=0)
-    with ckpt.apply(fresh) as sm2, torch.no_grad():
+    with ckpt.apply(fresh, builtin_toolkit) as sm2, torch.no_grad():
         assert torch.allclose(sm2(input_ids=tiny_ids).logits, ref, atol=1e-6)
-    assert ckpt.sparsifier().thresholds == sp.thresholds
+    assert ckpt.sparsifier(builtin_toolkit).thresholds == sp.thresholds
 
 
-def test_infinite_thresholds_survive(tmp_path, tiny_ids):
+def test_infinite_thresholds_survive(tmp_path, tiny_ids, builtin_toolkit):
     model = make_tiny_llama(seed=0)
     sp = ThresholdSparsifier(0.0)  # s = 0 calibrates to -inf (identity)
     sp.calibrate(model, ["down_proj"], [tiny_ids])
     path = save_checkpoint(tmp_path / "c", _trained(model, ["layers.0.down_proj"]), model=model, sparsifier=sp,
                            sparse_sites=["layers.0.down_proj", "layers.1.down_proj"])
-    restored = load_checkpoint(path).sparsifier()
+    restored = load_checkpoint(path).sparsifier(builtin_toolkit)
     assert all(math.isinf(t) and t < 0 for t in restored.thresholds.values())
 
 
-def test_refuses_other_model_sites_and_sparsity(tmp_path):
+def test_refuses_other_model_sites_and_sparsity(tmp_path, builtin_toolkit):
     model = make_tiny_llama(seed=0)
     path = save_checkpoint(tmp_path / "c", _trained(model), model=model, sparsifier=MagnitudeSparsifier(0.5),
                            sparse_sites=["layers.0.down_proj"])
@@ -78,7 +78,7 @@ def test_refuses_other_model_sites_and_sparsity(tmp_path):
         ckpt.validate(model, sparsity=0.6)
     for err in (CheckpointError,):
         with pytest.raises(err):
-            ckpt.apply(make_tiny_llama(seed=2))
+            ckpt.apply(make_tiny_llama(seed=2), builtin_toolkit)
 
 
 def test_corrupt_and_foreign_files(tmp_path):

@@ -230,7 +230,7 @@ def test_decode_mode_on_an_exported_model(tmp_path):
     with SparseModel(model, thr, "mlp", biases=biases, sitemap=sitemap) as sm:
         simulated = _greedy(model, prompt)
         out = export_model(model, biases, tmp_path / "exp", sparsifier=thr, sparse_sites=sm.sparse_sites)
-    sm2, _ = load_exported(out)
+    sm2, _ = load_exported(out, toolkit=TOOLKIT)
     assert sm2.biases is None  # the biases are ordinary layer biases now
     with SparseDecoder.from_sparse_model(sm2) as decoder:
         assert decoder.layers["layers.0.down_proj"].bias is not None

@@ -27,7 +27,7 @@ def _setup(tiny_ids, bias_sites):
     return model, sp, biases
 
 
-def test_reloaded_logits_equal_in_memory_sparse_spon(tmp_path, tiny_ids):
+def test_reloaded_logits_equal_in_memory_sparse_spon(tmp_path, tiny_ids, builtin_toolkit):
     model, sp, biases = _setup(tiny_ids, "down_proj")
     with SparseModel(model, sp, "down_proj", biases=biases) as sm, torch.no_grad():
         ref = sm(input_ids=tiny_ids).logits
@@ -42,7 +42,7 @@ def test_reloaded_logits_equal_in_memory_sparse_spon(tmp_path, tiny_ids):
     assert torch.allclose(layer.down_proj.bias, biases.beta("layers.1.down_proj").detach())
     assert plain.model.layers[0].self_attn.q_proj.bias is None
     # the toolkit re-attaches the recorded sparsifier: sparse + folded SPON == in-memory sparse + SPON
-    sm2, _ = load_exported(out)
+    sm2, _ = load_exported(out, toolkit=builtin_toolkit)
     with torch.no_grad():
         got = sm2(input_ids=tiny_ids).logits
     assert torch.allclose(got, ref, atol=1e-5)
@@ -51,7 +51,7 @@ def test_reloaded_logits_equal_in_memory_sparse_spon(tmp_path, tiny_ids):
     assert doc["bias_flags"] == {"mlp_bias": True} and doc["biased_sites"] == biases.sites
 
 
-def test_attention_site_enables_attention_bias_only(tmp_path, tiny_ids):
+def test_attention_site_enables_attention_bias_only(tmp_path, tiny_ids, builtin_toolkit):
     model, sp, biases = _setup(tiny_ids, ["layers.0.o_proj"])
     with SparseModel(model, sp, "down_proj", biases=biases) as sm, torch.no_grad():
         ref = sm(input_ids=tiny_ids).logits
@@ -59,24 +59,24 @@ def test_attention_site_enables_attention_bias_only(tmp_path, tiny_ids):
     plain = AutoModelForCausalLM.from_pretrained(out)
     assert plain.config.attention_bias and not plain.config.mlp_bias
     assert torch.count_nonzero(plain.model.layers[1].self_attn.o_proj.bias) == 0
-    sm2, _ = load_exported(out)
+    sm2, _ = load_exported(out, toolkit=builtin_toolkit)
     with torch.no_grad():
         assert torch.allclose(sm2(input_ids=tiny_ids).logits, ref, atol=1e-5)
 
 
-def test_export_from_checkpoint_and_refusals(tmp_path, tiny_ids):
+def test_export_from_checkpoint_and_refusals(tmp_path, tiny_ids, builtin_toolkit):
     model, sp, biases = _setup(tiny_ids, "down_proj")
     ckpt = save_checkpoint(tmp_path / "c", biases, model=model, sparsifier=sp, sparse_sites=["down_proj"])
     fresh = make_tiny_llama(seed=0)
-    out = export_checkpoint(ckpt, fresh, tmp_path / "exp")
+    out = export_checkpoint(ckpt, fresh, tmp_path / "exp", toolkit=builtin_toolkit)
     assert (out / "model.safetensors").is_file()
     with pytest.raises(ConfigError, match="not empty"):
-        export_checkpoint(ckpt, fresh, tmp_path / "exp")
+        export_checkpoint(ckpt, fresh, tmp_path / "exp", toolkit=builtin_toolkit)
     with pytest.raises(CheckpointError, match="weights differ"):
-        export_checkpoint(ckpt, make_tiny_llama(seed=3), tmp_path / "exp2")
+        export_checkpoint(ckpt, make_tiny_llama(seed=3), tmp_path / "exp2", toolkit=builtin_toolkit)
     assert not (tmp_path / "exp2").exists()
     with pytest.raises(ConfigError, match="not a spon export"):
-        load_exported(tmp_path)
+        load_exported(tmp_path, toolkit=builtin_toolkit)
     # nothing half-written next to the outputs
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.safetensors", "exp"]
 

@@ -177,11 +177,11 @@ def test_cli_table_and_json_with_a_checkpoint(tmp_path, tiny_checkpoint, capsys)
     assert data["lm_eval"]["dense"]["n-samples"]["sotu_continuation"]["effective"] == 2
 
 
-def test_cli_exported_directory_gives_the_checkpoints_spon_numbers(tmp_path, tiny_checkpoint, capsys):
+def test_cli_exported_directory_gives_the_checkpoints_spon_numbers(tmp_path, tiny_checkpoint, capsys, builtin_toolkit):
     from spon_toolkit.export import export_checkpoint
 
     model, tok = load_model("tiny-random", device="cpu")
-    export_checkpoint(tiny_checkpoint, model, tmp_path / "exported", tokenizer=tok)
+    export_checkpoint(tiny_checkpoint, model, tmp_path / "exported", tokenizer=tok, toolkit=builtin_toolkit)
     common = ["--model", "tiny-random", "--tasks", "sotu_ppl", "--limit", "2", "--prefix-token-id", str(NEWLINE)]
     assert cli.main(["lm-eval", "--checkpoint", str(tiny_checkpoint), *common, "-o", str(tmp_path / "a.json")]) == 0
     assert cli.main(["lm-eval", "--exported", str(tmp_path / "exported"), *common, "-o", str(tmp_path / "b.json")]) == 0

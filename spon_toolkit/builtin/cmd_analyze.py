@@ -67,8 +67,8 @@ def _entry_label(ckpt) -> tuple[str, str, Any]:
 
 def run(args, toolkit) -> int:
     from spon_toolkit.analysis.runs import SweepEntry, SweepRun, check_analyzer, scope_of
-    from spon_toolkit.contracts import run_analyzer
     from spon_toolkit.checkpoint import load_checkpoint
+    from spon_toolkit.contracts import run_analyzer
     from spon_toolkit.data import check_block_size, load_blocks
     from spon_toolkit.errors import ConfigError
     from spon_toolkit.models import context_length, load_model

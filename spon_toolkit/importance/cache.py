@@ -14,10 +14,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..activations import iter_input_ids
 from ..atomic import atomic_write_text
 from ..errors import PluginError
 from ..sites import SiteMap
-from ..sparse import iter_input_ids
 from ..sparsifiers import Sparsifier
 from .methods import ImportanceResult
 
@@ -64,7 +64,8 @@ def _with_defaults(fn: Callable, options: Mapping[str, Any]) -> dict[str, Any]:
     except (TypeError, ValueError):
         return dict(options)
     defaults = {p.name: p.default for p in params
-                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty}
+                if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is not inspect.Parameter.empty
+                and p.name != "sitemap"}  # the sites are in the key already, resolved
     return {**defaults, **options}
 
 
@@ -75,7 +76,7 @@ def default_cache_dir() -> Path:
 
 
 def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None = None,
-                       sites: str | Iterable[str] | None = "down_proj", *, toolkit=None,
+                       sites: str | Iterable[str] | None = "down_proj", *, toolkit,
                        cache_dir: str | os.PathLike | None = None, use_cache: bool = True,
                        **options: Any) -> ImportanceResult:
     """Run importance method ``method`` (a plugin) with an on-disk cache.
@@ -86,13 +87,10 @@ def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsif
     """
     from ..models import model_fingerprint
 
-    if toolkit is None:
-        from ..plugins import default_toolkit
-
-        toolkit = default_toolkit()
     entry = toolkit.importance_methods.entry(method)
     batches = list(iter_input_ids(batches))
-    resolved = SiteMap(model).resolve(sites) if sites else []
+    sitemap = SiteMap(model, toolkit.architectures)
+    resolved = sitemap.resolve(sites) if sites else []
     path = None
     if use_cache:
         key = cache_key(fingerprint=model_fingerprint(model), data_hash=hash_batches(batches), method=method,
@@ -106,6 +104,8 @@ def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsif
                 return result
             except (OSError, ValueError, TypeError):
                 pass  # a damaged cache entry is recomputed and overwritten
+    if "sitemap" in inspect.signature(entry.factory).parameters:  # the toolkit's sites, for methods that take them
+        options = {**options, "sitemap": sitemap}
     result = entry.factory(model, batches, sparsifier, resolved, **options)
     if not isinstance(result, ImportanceResult):
         raise PluginError(f"importance method '{method}' (plugin '{entry.plugin}') returned "

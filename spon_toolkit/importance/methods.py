@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..activations import iter_input_ids
 from ..errors import ConfigError
 from ..sites import SiteMap
-from ..sparse import iter_input_ids
 from ..sparsifiers import Sparsifier
 from .players import CoalitionValue, make_players
 from .shapley import ESTIMATORS, _exp, _quiet, exact_shapley, permutation_shapley, proximity_shapley
@@ -78,9 +78,9 @@ def _first_blocks(batches: Iterable, blocks: int | None) -> list[torch.Tensor]:
     return [rows] if rows.numel() else []
 
 
-def _setup(model, batches, sparsifier, sites, players, ablation, value="neg_nll", blocks=None):
+def _setup(model, batches, sparsifier, sites, players, ablation, value="neg_nll", blocks=None, sitemap=None):
     batches = _first_blocks(batches, blocks)
-    sitemap = SiteMap(model)
+    sitemap = sitemap or SiteMap(model)
     sparse = sitemap.resolve(sites) if sites else []
     player_list = make_players(sitemap, players, ablation, sparse)
     return CoalitionValue(model, batches, player_list, ablation=ablation, sparsifier=sparsifier,
@@ -100,13 +100,14 @@ def _single_ablations(v: CoalitionValue, progress: bool | None) -> tuple[float, 
 
 def sensitivity(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None = None,
                 sites: str | Iterable[str] = "down_proj", *, players: str = "layers", ablation: str = "sparsify",
-                blocks: int | None = None, progress: bool | None = None) -> ImportanceResult:
+                blocks: int | None = None, progress: bool | None = None,
+                sitemap: SiteMap | None = None) -> ImportanceResult:
     """Relative PPL increase ``PPL(only player ablated) / PPL(nothing ablated) - 1`` per player.
 
     ``blocks``: use only the first that many calibration blocks (all by default).
     """
     start = time.perf_counter()
-    v, sparse = _setup(model, batches, sparsifier, sites, players, ablation, blocks=blocks)
+    v, sparse = _setup(model, batches, sparsifier, sites, players, ablation, blocks=blocks, sitemap=sitemap)
     base, nll = _single_ablations(v, progress)
     scores = {p: _exp(x - base) - 1.0 for p, x in nll.items()}
     meta = {"protocol": _protocol(v, sparsifier, sparse), "base_nll": base, "base_ppl": _exp(base),
@@ -116,7 +117,8 @@ def sensitivity(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | No
 
 def cornerstone(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None = None,
                 sites: str | Iterable[str] | None = None, *, threshold: float = 0.5, players: str = "layers",
-                blocks: int | None = None, progress: bool | None = None) -> ImportanceResult:
+                blocks: int | None = None, progress: bool | None = None,
+                sitemap: SiteMap | None = None) -> ImportanceResult:
     """Layers whose removal alone raises PPL by more than ``threshold`` (relative; 0.5 = +50%).
 
     Scores are the relative PPL increase on removal; ``selected`` lists the cornerstone players.
@@ -125,7 +127,7 @@ def cornerstone(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | No
     if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
         raise ConfigError(f"cornerstone threshold must be a relative PPL increase >= 0 (0.5 = +50%), got {threshold!r}")
     start = time.perf_counter()
-    v, _ = _setup(model, batches, None, None, players, "remove", blocks=blocks)
+    v, _ = _setup(model, batches, None, None, players, "remove", blocks=blocks, sitemap=sitemap)
     base, nll = _single_ablations(v, progress)
     scores = {p: _exp(x - base) - 1.0 for p, x in nll.items()}
     selected = [p for p, s in scores.items() if s > threshold]
@@ -138,7 +140,8 @@ def cornerstone(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | No
 def shapley(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None = None,
             sites: str | Iterable[str] = "down_proj", *, players: str = "layers", ablation: str = "sparsify",
             estimator: str = "permutation", budget: int | None = None, level: int = 2, seed: int = 0,
-            value: str = "neg_nll", blocks: int | None = None, progress: bool | None = None) -> ImportanceResult:
+            value: str = "neg_nll", blocks: int | None = None, progress: bool | None = None,
+            sitemap: SiteMap | None = None) -> ImportanceResult:
     """Shapley values of the players for ``v(S) = -NLL`` (or ``-PPL``) with the players outside ``S`` ablated.
 
     ``budget`` (permutation estimator): model evaluations; default ``10 * (n + 1)``. ``level``: proximity
@@ -148,7 +151,7 @@ def shapley(model: nn.Module, batches: Iterable, sparsifier: Sparsifier | None =
     if estimator not in ESTIMATORS:
         raise ConfigError(f"estimator must be one of {ESTIMATORS}, got '{estimator}'")
     start = time.perf_counter()
-    v, sparse = _setup(model, batches, sparsifier, sites, players, ablation, value, blocks)
+    v, sparse = _setup(model, batches, sparsifier, sites, players, ablation, value, blocks, sitemap)
     n = v.n
     if estimator == "exact":
         est = exact_shapley(v, n, progress=progress)

@@ -11,9 +11,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..activations import iter_input_ids
 from ..errors import ConfigError
 from ..sites import SiteMap, parse_site, site_name
-from ..sparse import attach_sparsifier, iter_input_ids
+from ..sparse import attach_sparsifier
 from ..sparsifiers import Sparsifier
 from .shapley import _exp
 

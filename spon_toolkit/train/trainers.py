@@ -11,9 +11,10 @@ from typing import Any
 
 import torch
 
+from ..activations import iter_input_ids, model_device
 from ..errors import ConfigError
 from ..losses import chunked_divergence, hidden_mse
-from ..sparse import SparseModel, iter_input_ids, model_device
+from ..sparse import SparseModel
 from .options import TrainingDivergedError, TrainOptions, TrainResult, _write_csv_atomic, lr_factor
 from .surgery import HeadSplit, _SparsifierView, split_head
 
