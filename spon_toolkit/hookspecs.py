@@ -6,12 +6,29 @@ to the plugin being loaded; registering a name twice is an error that names both
 Hooks are always called with keyword arguments, and new arguments are only ever appended, so a plugin
 written against an older version keeps working.
 
-The factories' contracts are summarised per hook below and detailed in ``docs/plugins.md``.
+The factories' contracts are summarised per hook below, typed in :mod:`spon_toolkit.protocols` and
+detailed with a minimal example each in ``docs/plugins.md``.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import pluggy
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .protocols import (
+        AllocationStrategy,
+        Analyzer,
+        Command,
+        ImportanceMethod,
+        ModelLoader,
+        Register,
+        ReportSection,
+        SparsifierFactory,
+        TrainerFactory,
+    )
+    from .sites import ArchSpec
 
 PROJECT = "spon_toolkit"
 
@@ -20,7 +37,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT)
 
 
 @hookspec
-def spon_register_architectures(register):
+def spon_register_architectures(register: Register[ArchSpec]) -> None:
     """Register how a decoder architecture names its layers and linear modules.
 
     ``register(model_type, ArchSpec(...))`` where ``model_type`` is ``config.model_type`` of a
@@ -30,7 +47,7 @@ def spon_register_architectures(register):
 
 
 @hookspec
-def spon_register_model_loaders(register):
+def spon_register_model_loaders(register: Register[ModelLoader]) -> None:
     """Register model loaders.
 
     ``register(name, load)`` with ``load(name_or_path, *, dtype=None, device="auto", **options)``
@@ -39,7 +56,7 @@ def spon_register_model_loaders(register):
 
 
 @hookspec
-def spon_register_sparsifiers(register):
+def spon_register_sparsifiers(register: Register[SparsifierFactory]) -> None:
     """Register activation sparsifiers.
 
     ``register(name, factory)`` with ``factory(sparsity, **options)`` returning an object that follows
@@ -50,7 +67,7 @@ def spon_register_sparsifiers(register):
 
 
 @hookspec
-def spon_register_allocations(register):
+def spon_register_allocations(register: Register[AllocationStrategy]) -> None:
     """Register allocation strategies: which sites get a SPON bias.
 
     ``register(name, allocate)`` with ``allocate(context, **options)`` returning the sites to bias
@@ -61,7 +78,7 @@ def spon_register_allocations(register):
 
 
 @hookspec
-def spon_register_importance_methods(register):
+def spon_register_importance_methods(register: Register[ImportanceMethod]) -> None:
     """Register layer-importance methods (sensitivity, Shapley, cornerstone ...).
 
     ``register(name, score)`` with ``score(model, batches, sparsifier, sites, **options)`` returning a
@@ -72,7 +89,7 @@ def spon_register_importance_methods(register):
 
 
 @hookspec
-def spon_register_trainers(register):
+def spon_register_trainers(register: Register[TrainerFactory]) -> None:
     """Register SPON trainers (the KL trainer and loss ablations).
 
     ``register(name, factory)`` with ``factory(**options)`` returning an object whose
@@ -88,7 +105,7 @@ def spon_register_trainers(register):
 
 
 @hookspec
-def spon_register_analyzers(register):
+def spon_register_analyzers(register: Register[Analyzer]) -> None:
     """Register analyzers of trained biases and runs (PCA alignment, bias statistics, probes ...).
 
     ``register(name, analyze, description, scope="item", check=None)`` with ``analyze(run, **options)``
@@ -105,7 +122,7 @@ def spon_register_analyzers(register):
 
 
 @hookspec
-def spon_register_report_sections(register):
+def spon_register_report_sections(register: Register[ReportSection]) -> None:
     """Register notebook report sections.
 
     ``register(name, build, order=100)`` with ``build(results) -> list`` of nbformat cells; sections
@@ -114,7 +131,7 @@ def spon_register_report_sections(register):
 
 
 @hookspec
-def spon_register_commands(register):
+def spon_register_commands(register: Register[Command]) -> None:
     """Register ``spon`` sub-commands.
 
     ``register(name, run, description, configure=configure)``: ``configure(parser)`` adds arguments to

@@ -463,7 +463,7 @@ def load_tiny_random(
     **options: Any,
 ) -> tuple[nn.Module, Any]:
     """A tiny random Llama (vocab 256, byte tokenizer); ``options`` go to ``make_tiny_llama``."""
-    from .testing.tiny import make_tiny_llama
+    from .tiny import make_tiny_llama
 
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)

@@ -23,13 +23,26 @@ import sys
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from . import hookspecs
 from .errors import PluginError
 from .registry import Registry
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .protocols import (
+        AllocationStrategy,
+        Analyzer,
+        Command,
+        ImportanceMethod,
+        ModelLoader,
+        ReportSection,
+        SparsifierFactory,
+        TrainerFactory,
+    )
+    from .sites import ArchSpec
 
 ENTRYPOINT_GROUP = "spon_toolkit"
 ENV_DISABLE_AUTOLOAD = "SPON_DISABLE_PLUGIN_AUTOLOAD"
@@ -215,15 +228,41 @@ class Toolkit:
             cache[kind] = registry
         return cache[kind]
 
-    architectures = cached_property(lambda self: self.catalogue("architectures"))
-    model_loaders = cached_property(lambda self: self.catalogue("model_loaders"))
-    sparsifiers = cached_property(lambda self: self.catalogue("sparsifiers"))
-    allocations = cached_property(lambda self: self.catalogue("allocations"))
-    importance_methods = cached_property(lambda self: self.catalogue("importance_methods"))
-    trainers = cached_property(lambda self: self.catalogue("trainers"))
-    analyzers = cached_property(lambda self: self.catalogue("analyzers"))
-    report_sections = cached_property(lambda self: self.catalogue("report_sections"))
-    commands = cached_property(lambda self: self.catalogue("commands"))
+    @cached_property
+    def architectures(self) -> Registry[ArchSpec]:
+        return self.catalogue("architectures")
+
+    @cached_property
+    def model_loaders(self) -> Registry[ModelLoader]:
+        return self.catalogue("model_loaders")
+
+    @cached_property
+    def sparsifiers(self) -> Registry[SparsifierFactory]:
+        return self.catalogue("sparsifiers")
+
+    @cached_property
+    def allocations(self) -> Registry[AllocationStrategy]:
+        return self.catalogue("allocations")
+
+    @cached_property
+    def importance_methods(self) -> Registry[ImportanceMethod]:
+        return self.catalogue("importance_methods")
+
+    @cached_property
+    def trainers(self) -> Registry[TrainerFactory]:
+        return self.catalogue("trainers")
+
+    @cached_property
+    def analyzers(self) -> Registry[Analyzer]:
+        return self.catalogue("analyzers")
+
+    @cached_property
+    def report_sections(self) -> Registry[ReportSection]:
+        return self.catalogue("report_sections")
+
+    @cached_property
+    def commands(self) -> Registry[Command]:
+        return self.catalogue("commands")
 
     def plugin_infos(self) -> list[PluginInfo]:
         """Every loaded plugin with its source and what it registered, by kind."""

@@ -169,7 +169,9 @@ class ExperimentRunner:
         try:
             self._load()
         except SponError as exc:
-            raise type(exc)(f"{self.experiment.path}: {exc}") from exc
+            message = str(exc)
+            raise type(exc)(message if message.startswith(str(self.experiment.path)) else
+                            f"{self.experiment.path}: {message}") from exc
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as exc:

@@ -32,3 +32,88 @@ def test_hook_has_a_docstring(hook):
 def test_hook_is_implemented_by_a_test_plugin(hook):
     sources = [p.read_text() for p in (ROOT / "tests").glob("test_*.py") if p.name != "test_meta.py"]
     assert any(f"def {hook}(" in s for s in sources), f"add a test plugin implementing {hook}"
+
+
+# --- docs/plugins.md: every hook's contract, checked against spon_toolkit/protocols.py -------------------
+
+PLUGINS_DOC = (ROOT / "docs" / "plugins.md").read_text()
+
+
+def _doc_section(hook: str) -> str:
+    import re
+
+    m = re.search(rf"^## `{hook}`\n(.*?)(?=^## |\Z)", PLUGINS_DOC, flags=re.S | re.M)
+    assert m, f"docs/plugins.md has no section '## `{hook}`'"
+    return m.group(1)
+
+
+def _contract_signature(proto) -> str:
+    """The Protocol's ``__call__`` signature without ``self``, as the docs write it."""
+    class Raw(str):  # an annotation written as its source text (they are strings: postponed evaluation)
+        def __repr__(self):
+            return str(self)
+
+    sig = inspect.signature(proto.__call__)
+    params = [p.replace(annotation=Raw(p.annotation)) for p in list(sig.parameters.values())[1:]]
+    return str(sig.replace(parameters=params, return_annotation=Raw(sig.return_annotation)))
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_hookspec_is_typed_with_its_contract(hook):
+    from spon_toolkit.protocols import HOOK_CONTRACTS
+
+    contract = HOOK_CONTRACTS[hook]
+    name = contract if isinstance(contract, str) else contract.__name__
+    sig = inspect.signature(getattr(hookspecs, hook))
+    assert list(sig.parameters) == ["register"]
+    assert sig.parameters["register"].annotation == f"Register[{name}]"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_docs_signature_matches_the_protocol(hook):
+    from spon_toolkit.protocols import HOOK_CONTRACTS
+
+    contract = HOOK_CONTRACTS[hook]
+    expected = contract if isinstance(contract, str) else _contract_signature(contract)
+    section = _doc_section(hook)
+    line = next((ln for ln in section.splitlines() if ln.startswith("Signature: ")), None)
+    assert line == f"Signature: `{expected}`", f"docs/plugins.md, {hook}: write 'Signature: `{expected}`'"
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_docs_example_registers_and_fits_the_contract(hook, tmp_path):
+    """The section's example is a working plugin: loaded into a toolkit, it registers one entry whose
+    factory accepts the contract's positional arguments."""
+    import re
+    import types
+
+    from spon_toolkit.plugins import KINDS, Toolkit
+    from spon_toolkit.protocols import HOOK_CONTRACTS
+    from spon_toolkit.sites import ArchSpec
+
+    code = re.findall(r"```python\n(.*?)```", _doc_section(hook), flags=re.S)
+    assert len(code) == 1, f"docs/plugins.md, {hook}: one python example"
+    module = types.ModuleType(f"doc_example_{hook}")
+    exec(compile(code[0], f"docs/plugins.md:{hook}", "exec"), module.__dict__)
+    tk = Toolkit(plugins_dir=tmp_path, load_entrypoints=False, extra_plugins=[module])
+    kind = next(k for k, (h, _) in KINDS.items() if h == hook)
+    mine = [e for e in tk.catalogue(kind) if e.plugin == module.__name__]
+    assert len(mine) == 1
+    factory = mine[0].factory
+    contract = HOOK_CONTRACTS[hook]
+    if isinstance(contract, str):
+        assert isinstance(factory, ArchSpec)
+        return
+    params = list(inspect.signature(contract.__call__).parameters.values())[1:]
+    positional = [p for p in params if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD]
+    inspect.signature(factory).bind(*[None] * len(positional))  # raises TypeError if it does not fit
+
+
+def test_builtin_plugin_list_matches_the_package():
+    import pkgutil
+
+    from spon_toolkit import builtin
+    from spon_toolkit.plugins import BUILTIN_PLUGINS
+
+    modules = sorted(m.name for m in pkgutil.iter_modules(builtin.__path__) if not m.name.startswith("_"))
+    assert list(BUILTIN_PLUGINS) == modules, "list new built-in modules in spon_toolkit.plugins.BUILTIN_PLUGINS"

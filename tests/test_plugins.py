@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 
+from spon_toolkit import hookimpl
 from spon_toolkit.cli import main
 from spon_toolkit.errors import PluginError, UnknownNameError
 from spon_toolkit.plugins import Toolkit, builtin_module_names
@@ -237,3 +238,87 @@ def test_every_hook_reaches_its_catalogue(tmp_path, capsys):
     # plugin commands are real sub-commands with their own arguments and exit status
     assert main(["--plugins-dir", str(pdir), "hello", "--shout"]) == 3
     assert capsys.readouterr().out == "HELLO\n"
+
+
+# --- the toolkit is passed, never fetched ---------------------------------------------------------------
+
+class _CustomArchAndSparsifier:
+    """A plugin with an architecture the built-ins do not know (a Llama renamed 'renamed_llama', loaded by
+    its own loader) and its own 'magnitude' sparsifier, which only loads when the built-in one is blocked."""
+
+    __name__ = "custom_arch_and_sparsifier"
+    sparsify_calls = 0
+
+    @hookimpl
+    def spon_register_architectures(self, register):
+        from spon_toolkit.sites import ArchSpec
+
+        register("renamed_llama", ArchSpec(), "a Llama under another model_type")
+
+    @hookimpl
+    def spon_register_model_loaders(self, register):
+        def load(name_or_path, *, dtype=None, device="auto", **options):
+            from spon_toolkit.models import load_tiny_random
+
+            model, tok = load_tiny_random(dtype=dtype, device=device)
+            model.config.model_type = "renamed_llama"
+            return model, tok
+
+        register("renamed-tiny", load)
+
+    @hookimpl
+    def spon_register_sparsifiers(self, register):
+        from spon_toolkit.sparsifiers import MagnitudeSparsifier
+
+        plugin = self
+
+        class Counting(MagnitudeSparsifier):
+            def function(self, site):
+                inner = super().function(site)
+
+                def fn(x):
+                    type(plugin).sparsify_calls += 1
+                    return inner(x)
+
+                return fn
+
+        register("magnitude", Counting, "magnitude top-k that counts its calls")
+
+
+def test_sweep_uses_the_toolkit_it_is_given(tmp_path):
+    """A registered architecture and a replaced built-in take effect in a whole sweep; the process-wide
+    default toolkit (which knows neither) is never consulted."""
+    from spon_toolkit.experiment import load_experiment
+    from spon_toolkit.runner import run_experiment
+
+    spec = tmp_path / "exp_custom.yaml"
+    (tmp_path / "c.txt").write_text(" ".join(["the cat sat on the mat and the dog ran"] * 200))
+    (tmp_path / "e.txt").write_text(" ".join(["a dog sat by the door while the cat slept"] * 100))
+    spec.write_text("model: renamed-tiny\n"
+                    "data: {calibration_source: c.txt, eval_source: e.txt, block_size: 32, calibration_blocks: 4,\n"
+                    "       eval_blocks: 2, batch_size: 2}\n"
+                    "sparsity: [0.5]\nallocations: [BASELINE-TEAL, UNIF-ALL]\n"
+                    "trainer: {name: kl, options: {epochs: 1, progress: false}}\nreport: false\n")
+    (tmp_path / "none").mkdir()
+    tk = Toolkit(plugins_dir=tmp_path / "none", load_entrypoints=False, extra_plugins=[_CustomArchAndSparsifier()],
+                 blocked={"spon.sparsifiers"})
+    assert tk.sparsifiers.entry("magnitude").plugin == "custom_arch_and_sparsifier"
+    sweep = run_experiment(load_experiment(spec, tk), toolkit=tk, output_dir=tmp_path / "results", progress=False)
+    assert not sweep.errors, sweep.errors
+    assert [o.record["config"] for o in sweep.outcomes] == ["BASELINE-TEAL", "UNIF-ALL"]
+    assert all(o.record["ppl"] >= 1 for o in sweep.outcomes)
+    assert _CustomArchAndSparsifier.sparsify_calls > 0  # the plugin's sparsifier ran, not the built-in
+    with pytest.raises(UnknownNameError, match="architecture 'renamed_llama' is not supported"):
+        from spon_toolkit.models import load_tiny_random
+        from spon_toolkit.sites import SiteMap
+
+        model, _ = load_tiny_random()
+        model.config.model_type = "renamed_llama"
+        SiteMap(model)  # without the toolkit's registry only the built-in architectures are known
+
+
+@pytest.mark.parametrize("name", ["spon.architectures", "spon.cmd_plugins"])
+def test_core_builtins_cannot_be_blocked(name, monkeypatch):
+    monkeypatch.setenv("SPON_BLOCK_PLUGINS", name)
+    with pytest.raises(PluginError, match=f"the built-in plugin '{name}' cannot be blocked"):
+        Toolkit(load_entrypoints=False)

@@ -49,6 +49,18 @@ def pytest_addoption(parser):
 
 
 _RUNNERS = pytest.StashKey[dict]()
+_TOOLKIT = pytest.StashKey[object]()
+
+
+def session_toolkit(config):
+    """The session's :class:`spon_toolkit.plugins.Toolkit`, built once from the environment (plugins
+    directory, entry points, blocked plugins) the way ``spon run`` builds its own, and passed to every
+    experiment of the session."""
+    if _TOOLKIT not in config.stash:
+        from spon_toolkit.plugins import Toolkit
+
+        config.stash[_TOOLKIT] = Toolkit()
+    return config.stash[_TOOLKIT]
 
 
 def pytest_collect_file(file_path, parent):
@@ -66,10 +78,9 @@ class ExperimentFile(pytest.File):
     def collect(self):
         from spon_toolkit.errors import SponError
         from spon_toolkit.experiment import load_experiment
-        from spon_toolkit.plugins import default_toolkit
 
         try:
-            experiment = load_experiment(self.path, default_toolkit())
+            experiment = load_experiment(self.path, session_toolkit(self.config))
         except SponError as exc:
             raise self.CollectError(str(exc)) from None
         for item in experiment.items():
@@ -82,14 +93,13 @@ class ExperimentItem(pytest.Item):
         self.spec_item = spec_item
 
     def _runner(self):
-        from spon_toolkit.plugins import default_toolkit
         from spon_toolkit.runner import ExperimentRunner
 
         runners = self.config.stash.setdefault(_RUNNERS, {})
         key = str(self.path)
         if key not in runners:
             opt = self.config.getoption
-            runners[key] = ExperimentRunner(self.spec_item.experiment, toolkit=default_toolkit(),
+            runners[key] = ExperimentRunner(self.spec_item.experiment, toolkit=session_toolkit(self.config),
                                             output_dir=opt("spon_output_dir"), resume=not opt("spon_fresh"))
         return runners[key]
 
