@@ -21,7 +21,6 @@ one-line :class:`CheckpointError`.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -31,9 +30,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .atomic import atomic_path
 from .contracts import build_sparsifier
 from .errors import ConfigError, SponError
+from .fileio import NONFINITE, atomic_path, to_jsonable
 from .sites import SiteMap
 
 FORMAT = "spon-checkpoint/1"
@@ -44,42 +43,14 @@ class CheckpointError(SponError):
     """A checkpoint cannot be read, or does not fit the model / sites / sparsity it is applied to."""
 
 
-def _jsonable(obj: Any) -> Any:
-    """Turn tensors, paths, tuples and non-finite floats into JSON-friendly values."""
-    if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple, set)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu().tolist()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)  # "inf" / "-inf" / "nan": JSON has no literal for them
-    if isinstance(obj, (str, int, float, bool)) or obj is None:
-        return obj
-    if isinstance(obj, torch.dtype):
-        return str(obj).removeprefix("torch.")
-    return str(obj)
-
-
-def _float_from_json(v: Any) -> Any:
-    if isinstance(v, str) and v in ("inf", "-inf", "nan"):
-        return float(v)
-    return v
-
-
 def restore_sparsifier_state(state: Mapping[str, Any]) -> dict[str, Any]:
-    """Undo :func:`_jsonable` for a sparsifier state (thresholds may be +-inf)."""
+    """Undo the JSON policy (:func:`spon_toolkit.fileio.to_jsonable`) for a sparsifier state (thresholds
+    may be +-inf)."""
     out = dict(state)
     for key in ("thresholds", "calibration_sparsity"):
         if isinstance(out.get(key), Mapping):
-            out[key] = {k: float(_float_from_json(v)) for k, v in out[key].items()}
+            out[key] = {k: float(NONFINITE.get(v, v) if isinstance(v, str) else v) for k, v in out[key].items()}
     return out
-
-
-def atomic_write_bytes(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename ``tmp_path`` onto ``path`` (see :mod:`spon_toolkit.atomic`)."""
-    with atomic_path(path) as tmp:
-        write(tmp)
 
 
 def model_metadata(model: nn.Module, sitemap: SiteMap | None = None) -> dict[str, Any]:
@@ -140,8 +111,9 @@ def save_checkpoint(
         "metrics": dict(metrics or {}),
         "extra": dict(extra or {}),
     }
-    header = {METADATA_KEY: json.dumps(_jsonable(meta), sort_keys=True)}
-    atomic_write_bytes(path, lambda tmp: save_file(tensors, tmp, metadata=header))
+    header = {METADATA_KEY: json.dumps(to_jsonable(meta), sort_keys=True)}
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=header)
     return path
 
 
@@ -219,7 +191,7 @@ class Checkpoint:
                     f"{where} has biases on other sites than requested "
                     f"(missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
                     f"extra {surplus[:3]}{'...' if len(surplus) > 3 else ''})")
-        if sparsity is not None and self.sparsity is not None and _jsonable(sparsity) != self.sparsity:
+        if sparsity is not None and self.sparsity is not None and to_jsonable(sparsity) != self.sparsity:
             raise CheckpointError(
                 f"{where} was trained at sparsity {self.sparsity}, not {sparsity}; biases do not transfer "
                 f"between sparsities -- train for {sparsity} or evaluate at {self.sparsity}")
@@ -310,7 +282,7 @@ def _check_consistent(path: Path, tensors: Mapping[str, torch.Tensor], meta: dic
         if not isinstance(info, dict) or not isinstance(info.get("state"), dict):
             raise CheckpointError(f"{where}: metadata key 'sparsifier' must be an object with a 'state'")
         state = restore_sparsifier_state(info["state"])
-        if meta.get("sparsity") is not None and _jsonable(state.get("sparsity")) != meta.get("sparsity"):
+        if meta.get("sparsity") is not None and to_jsonable(state.get("sparsity")) != meta.get("sparsity"):
             raise CheckpointError(
                 f"{where}: its metadata says sparsity {meta.get('sparsity')}, but its sparsifier state was "
-                f"calibrated for {_jsonable(state.get('sparsity'))}; the file was edited or corrupted")
+                f"calibrated for {to_jsonable(state.get('sparsity'))}; the file was edited or corrupted")

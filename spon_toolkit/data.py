@@ -30,8 +30,8 @@ from typing import Any
 
 import torch
 
-from .atomic import atomic_path
 from .errors import ConfigError, SponError, unknown
+from .fileio import atomic_path
 
 log = logging.getLogger(__name__)
 

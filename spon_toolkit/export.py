@@ -28,9 +28,10 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .checkpoint import _jsonable, restore_sparsifier_state
+from .checkpoint import restore_sparsifier_state
 from .contracts import build_sparsifier
 from .errors import ConfigError, SponError
+from .fileio import json_text
 from .sites import ATTN_MODULES, MLP_MODULES, parse_site
 
 SPARSIFIER_FILE = "spon_sparsifier.json"
@@ -139,7 +140,7 @@ def export_model(
                 "bias_flags": flags,
                 "metadata": dict(metadata or {}),
             }
-            (tmp / SPARSIFIER_FILE).write_text(json.dumps(_jsonable(doc), indent=2, sort_keys=True))
+            (tmp / SPARSIFIER_FILE).write_text(json_text(doc, sort_keys=True).rstrip("\n"))
 
         _write_dir_atomic(out_dir, overwrite, fill)
     finally:

@@ -26,7 +26,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_text
+from .fileio import atomic_write_text
 
 DATA_VERSION = 1
 SEED = 0

@@ -25,8 +25,6 @@ equal those of an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import json
 import math
 import os
@@ -38,8 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_bytes, atomic_write_text  # noqa: F401  (re-exported)
 from .errors import ConfigError
+from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text  # noqa: F401  (re-exported)
 
 BASELINE = "BASELINE-TEAL"
 CONFIDENCE = 0.95
@@ -52,44 +50,6 @@ RECORD_COLUMNS = (
 
 
 # --- atomic writes ------------------------------------------------------------------------------------
-
-def _json_default(obj: Any) -> Any:
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
-
-
-def _clean(obj: Any) -> Any:
-    """NaN/inf are not JSON: write them as null."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, Mapping):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
-
-
-def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(_clean(obj), indent=2, sort_keys=False, default=_json_default) + "\n")
-
-
-def _csv_text(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _fmt(row.get(k)) for k in columns})
-    return buf.getvalue()
-
-
-def _fmt(v: Any) -> Any:
-    if isinstance(v, float):
-        return "" if not math.isfinite(v) else repr(v)
-    return "" if v is None else v
-
 
 def read_json(path: Path, what: str = "file") -> dict[str, Any]:
     """Read a JSON object; a missing, broken or wrongly shaped file is a one-line :class:`ConfigError`."""
@@ -598,7 +558,7 @@ class ExperimentManager:
         time_cols = sorted({f"time_{k}_s" for r in records for k in r.get("timings", {})})
         metric_cols = [*RECORD_COLUMNS, *time_cols]
         rows = [{**r, **{f"time_{k}_s": v for k, v in r.get("timings", {}).items()}} for r in records]
-        atomic_write_text(state.run_dir / "metrics.csv", _csv_text(rows, metric_cols))
+        atomic_write_text(state.run_dir / "metrics.csv", csv_text(rows, metric_cols))
         n_items = len(state.config.get("item_ids", []))
         status = "complete" if n_items and all(i in state.results for i in state.config["item_ids"]) else (
             "failed" if state.failures else "partial")
@@ -616,7 +576,7 @@ class ExperimentManager:
         stat_rows = aggregate_statistics(records)
         comparisons = compare_to_baseline(records)
         pareto = pareto_by_sparsity(stat_rows)
-        atomic_write_text(self.aggregated_dir / "summary.csv", _csv_text(_summary_rows(stat_rows), SUMMARY_COLUMNS))
+        atomic_write_text(self.aggregated_dir / "summary.csv", csv_text(_summary_rows(stat_rows), SUMMARY_COLUMNS))
         atomic_write_json(self.aggregated_dir / "pareto.json", pareto)
         atomic_write_text(self.aggregated_dir / "latex_tables" / "ppl.tex", latex_ppl_table(
             stat_rows, caption=f"{self.experiment}: perplexity (mean $\\pm$ std over seeds) and damage recovered."))

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ConfigError, SponError
+from .fileio import json_text
 from .sites import SiteMap, parse_site
 
 EXTRA = "sae"
@@ -225,7 +226,7 @@ def cached_activations(model: nn.Module, sitemap: SiteMap, spaces: Sequence[Bias
     """
     from safetensors.torch import load_file, save_file
 
-    from .atomic import atomic_path
+    from .fileio import atomic_path
 
     fp, data = _fingerprint(model), ids_hash(ids)
     keys = {s.name: _key("acts", fp, s.name, data, skip_first) for s in spaces}
@@ -431,7 +432,7 @@ def trained_sae(model: nn.Module, sitemap: SiteMap, space: BiasSpace, ids: torch
     if cache:
         def write(tmp: Path) -> None:
             sae.save_model(tmp)
-            (tmp / "spon_sae.json").write_text(json.dumps(info, indent=2) + "\n")
+            (tmp / "spon_sae.json").write_text(json_text(info))
 
         if directory.exists():
             shutil.rmtree(directory, ignore_errors=True)

@@ -7,7 +7,6 @@ split), never on the evaluation text.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +57,9 @@ def _row(result, label: str, sparsity: Any, sites: str, dense_ppl: float | None)
 
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    from spon_toolkit.atomic import atomic_write_text
+    from spon_toolkit.fileio import atomic_write_json
 
-    atomic_write_text(path, json.dumps(payload, indent=2))
+    atomic_write_json(path, payload)
 
 
 def run(args, toolkit) -> int:

@@ -89,7 +89,7 @@ def _check_output(path: Path, n_layers: int | None = None):
 def write_overrides(path: Path, payload: dict[str, Any]) -> None:
     import yaml
 
-    from spon_toolkit.atomic import atomic_write_text
+    from spon_toolkit.fileio import atomic_write_text
 
     header = ("# Written by `spon importance`: layer-importance scores and the layers each data-driven\n"
               "# allocation picks from them. Read by spon_toolkit.allocation.load_overrides.\n")

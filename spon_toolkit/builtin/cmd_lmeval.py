@@ -89,7 +89,6 @@ def _conditions_arg(text: str) -> list[str]:
 
 
 def run(args, toolkit) -> int:
-    import json
 
     from spon_toolkit import lmeval as L
     from spon_toolkit.errors import ConfigError
@@ -206,11 +205,11 @@ def run(args, toolkit) -> int:
                          seconds)
     _print(protocol, comparison, agreement)
     if output is not None:
-        from spon_toolkit.results import atomic_write_json
+        from spon_toolkit.fileio import atomic_write_json
 
         payload = {"protocol": protocol, **comparison, "agreement": agreement,
                    "lm_eval": {c: L.summarize_output(o) for c, o in outputs.items()}}
-        atomic_write_json(output, json.loads(json.dumps(payload, default=str)))
+        atomic_write_json(output, payload)
         print(f"wrote {output}")
     return 0
 

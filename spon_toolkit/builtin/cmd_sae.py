@@ -9,7 +9,6 @@ analyzer's ``sae`` option. A second call with the same settings loads the SAE fr
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -94,8 +93,7 @@ def run(args, toolkit) -> int:
                 shutil.copy2(f, out / f.name)
         else:
             sae.save_model(out)
-            (out / "spon_sae.json").write_text(json.dumps({k: v for k, v in info.items() if k != "directory"},
-                                                          indent=2) + "\n")
+            atomic_write_json(out / "spon_sae.json", {k: v for k, v in info.items() if k != "directory"})
         print(f"wrote {out}")
     if args.json is not None:
         atomic_write_json(args.json, {"space": space.name, "sae": info, "quality": quality,

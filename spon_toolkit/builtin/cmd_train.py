@@ -161,10 +161,9 @@ def run_train(args, toolkit) -> int:
                      "damage_recovered": recovered, "eval_protocol": protocol})
         print(f"wrote checkpoint {path}")
     if args.json:
-        from spon_toolkit.checkpoint import _jsonable, atomic_write_bytes
+        from spon_toolkit.fileio import atomic_write_text, json_text
 
-        text = json.dumps(_jsonable(summary), indent=2)
-        atomic_write_bytes(Path(args.json), lambda tmp: Path(tmp).write_text(text))
+        atomic_write_text(Path(args.json), json_text(summary).rstrip("\n"))
         print(f"wrote {args.json}")
     return 0
 

@@ -15,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from ..activations import iter_input_ids
-from ..atomic import atomic_write_text
 from ..errors import PluginError
+from ..fileio import atomic_write_json, to_jsonable
 from ..sites import SiteMap
 from ..sparsifiers import Sparsifier
 from .methods import ImportanceResult
@@ -34,23 +34,13 @@ def hash_batches(batches: Iterable) -> str:
     return "sha256:" + h.hexdigest()[:16]
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}  # keep model order; keys sort in cache_key
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return repr(value)
-
-
 def cache_key(*, fingerprint: str, data_hash: str, method: str, options: Mapping[str, Any],
               sparsifier: Sparsifier | None, sites: Sequence[str]) -> str:
     """The cache key of one importance computation (a hex digest over everything that changes the result)."""
     payload = {
         "version": CACHE_VERSION, "fingerprint": fingerprint, "data": data_hash, "method": method,
-        "options": _jsonable({k: v for k, v in options.items() if k != "progress"}),
-        "sparsifier": _jsonable(sparsifier.state_dict()) if sparsifier is not None else None,
+        "options": to_jsonable({k: v for k, v in options.items() if k != "progress"}),
+        "sparsifier": to_jsonable(sparsifier.state_dict()) if sparsifier is not None else None,
         "sites": list(sites),
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
@@ -112,9 +102,5 @@ def compute_importance(method: str, model: nn.Module, batches: Iterable, sparsif
                           f"{type(result).__name__}, not an ImportanceResult")
     result.meta["cache"] = "miss" if use_cache else "off"
     if path is not None:
-        _atomic_write_json(path, result.to_dict())
+        atomic_write_json(path, result.to_dict(), indent=1)
     return result
-
-
-def _atomic_write_json(path: Path, data: Any) -> None:
-    atomic_write_text(path, json.dumps(_jsonable(data), indent=1))

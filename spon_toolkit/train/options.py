@@ -13,8 +13,8 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from ..atomic import atomic_path
 from ..errors import ConfigError, SponError
+from ..fileio import atomic_path
 from ..losses import DEFAULT_CHUNK_SIZE
 
 #: Default peak learning rate. Adam moves each element by at most about ``lr`` per step, while useful
