@@ -43,9 +43,9 @@ class PerplexityResult:
     n_tokens: int  # predicted tokens
     block_nlls: list[float] = field(default_factory=list)  # mean NLL of each block, in block order
     block_tokens: list[int] = field(default_factory=list)  # predicted tokens of each block
-    achieved_sparsity: dict[str, float] = field(default_factory=dict)  # site -> fraction of zeros
-    sparsity_by_module: dict[str, float] = field(default_factory=dict)  # module -> fraction over its sites
-    overall_sparsity: float | None = None  # zeros / entries over every sparsified input
+    achieved_sparsity: float | None = None  # zeros / entries over every sparsified input
+    achieved_sparsity_by_site: dict[str, float] = field(default_factory=dict)  # site -> fraction of zeros
+    achieved_sparsity_by_module: dict[str, float] = field(default_factory=dict)  # module -> over its sites
     protocol: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
 
@@ -118,7 +118,7 @@ def _sparsity_summary(sm: SparseModel) -> tuple[dict[str, float], dict[str, floa
     hooks = sm.sparsifier_hooks
     if hooks is None:
         return {}, {}, None
-    per_site = hooks.achieved_sparsity()
+    per_site = hooks.achieved_sparsity_by_site()
     by_module: dict[str, float] = {}
     for module in MODULES:
         zeros = sum(hooks.zeros[s] for s in hooks.sites if parse_site(s)[1] == module)
@@ -215,9 +215,9 @@ def evaluate_perplexity(
         n_tokens=n_tokens,
         block_nlls=[s / c if c else float("nan") for s, c in zip(sums, counts, strict=False)],
         block_tokens=counts,
-        achieved_sparsity=per_site,
-        sparsity_by_module=by_module,
-        overall_sparsity=overall,
+        achieved_sparsity=overall,
+        achieved_sparsity_by_site=per_site,
+        achieved_sparsity_by_module=by_module,
         protocol=protocol,
         seconds=time.perf_counter() - start,
     )

@@ -231,7 +231,7 @@ class ExperimentRunner:
                                 biases=biases, batch_size=self.experiment.spec.data.batch_size,
                                 progress=self.progress, sitemap=self._sitemap, desc=desc or None)
         return EvalResult(float(r.perplexity), [float(x) for x in r.block_nlls], dict(r.protocol),
-                          r.overall_sparsity)
+                          r.achieved_sparsity)
 
     def dense(self) -> EvalResult:
         if self._dense is None:

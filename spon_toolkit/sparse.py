@@ -87,7 +87,7 @@ class SparsifierHooks(HookGroup):
     def clear_cache(self) -> None:
         self._memo = None
 
-    def achieved_sparsity(self) -> dict[str, float]:
+    def achieved_sparsity_by_site(self) -> dict[str, float]:
         """Fraction of zeros in the sparsified inputs seen so far, per site (needs ``record=True``)."""
         if not self.record:
             raise SponError("achieved sparsity was not recorded; attach the sparsifier with record=True")
@@ -108,7 +108,7 @@ def attach_sparsifier(
 ) -> SparsifierHooks:
     """Sparsify the inputs of ``sites`` with forward pre-hooks. Remove with ``.remove()``.
 
-    ``record=True`` counts the zeros of each sparsified input (see ``achieved_sparsity``).
+    ``record=True`` counts the zeros of each sparsified input (see ``achieved_sparsity_by_site``).
     """
     sitemap = sitemap or SiteMap(model)
     sites = sitemap.resolve(sites)
@@ -357,10 +357,11 @@ class SparseModel:
     def __call__(self, *args: Any, **kwargs: Any):
         return self.model(*args, **kwargs)
 
-    def achieved_sparsity(self) -> dict[str, float]:
+    def achieved_sparsity_by_site(self) -> dict[str, float]:
+        """Fraction of zeros in the sparsified inputs seen so far, per site (needs ``record=True``)."""
         if self.sparsifier_hooks is None:
             return {}
-        return self.sparsifier_hooks.achieved_sparsity()
+        return self.sparsifier_hooks.achieved_sparsity_by_site()
 
     def detach(self) -> None:
         """Remove every hook; the model computes dense logits again (biases stay folded if folded)."""

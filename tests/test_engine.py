@@ -133,7 +133,7 @@ def test_per_site_sparsity_and_recording(tiny_model, tiny_ids):
     sp = MagnitudeSparsifier({"layers.0.down_proj": 0.25, "default": 0.75})
     with sparsified(tiny_model, sp, ["layers.0.down_proj", "layers.1.down_proj"], record=True) as sm:
         logits(tiny_model, tiny_ids)
-        achieved = sm.achieved_sparsity()
+        achieved = sm.achieved_sparsity_by_site()
     assert achieved == {"layers.0.down_proj": pytest.approx(0.25), "layers.1.down_proj": pytest.approx(0.75)}
 
 
@@ -143,7 +143,7 @@ def test_threshold_reports_achieved_sparsity_on_other_data(tiny_model, tiny_ids)
     other = torch.randint(0, 256, (2, 32), generator=torch.Generator().manual_seed(7))
     with sparsified(tiny_model, sp, "mlp", record=True) as sm:
         logits(tiny_model, other)
-        achieved = sm.achieved_sparsity()
+        achieved = sm.achieved_sparsity_by_site()
     assert set(achieved) == set(SiteMap(tiny_model).resolve("mlp"))
     assert all(0.3 < v < 0.7 for v in achieved.values())
 

@@ -97,9 +97,9 @@ def test_sparse_evaluation_and_achieved_sparsity(tiny_model, tiny_blocks):
     assert zero.perplexity == pytest.approx(dense.perplexity, rel=1e-12)
     half = evaluate_perplexity(tiny_model, tiny_blocks, sparsifier=MagnitudeSparsifier(0.5), sites="down_proj")
     assert half.perplexity != pytest.approx(dense.perplexity, rel=1e-6)
-    assert set(half.achieved_sparsity) == {"layers.0.down_proj", "layers.1.down_proj"}
-    assert all(v == pytest.approx(0.5) for v in half.achieved_sparsity.values())  # d=128 keeps exactly 64
-    assert half.sparsity_by_module == pytest.approx({"down_proj": 0.5}) and half.overall_sparsity == pytest.approx(0.5)
+    assert set(half.achieved_sparsity_by_site) == {"layers.0.down_proj", "layers.1.down_proj"}
+    assert all(v == pytest.approx(0.5) for v in half.achieved_sparsity_by_site.values())  # d=128 keeps exactly 64
+    assert half.achieved_sparsity_by_module == pytest.approx({"down_proj": 0.5}) and half.achieved_sparsity == pytest.approx(0.5)
     assert half.protocol["sparsifier"] == "magnitude(sparsity=0.5)" and half.protocol["n_sparse_sites"] == 2
     # the model is left dense: no hooks, same logits
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in tiny_model.modules())
@@ -112,17 +112,17 @@ def test_threshold_sparsifier_must_be_calibrated_and_reports_sparsity(tiny_model
     sparsifier = ThresholdSparsifier(0.5)
     sparsifier.calibrate(tiny_model, "mlp", tiny_blocks.batches(4))
     result = evaluate_perplexity(tiny_model, tiny_blocks, sparsifier=sparsifier, sites="mlp")
-    assert set(result.sparsity_by_module) == {"gate_proj", "up_proj", "down_proj"}
+    assert set(result.achieved_sparsity_by_module) == {"gate_proj", "up_proj", "down_proj"}
     # Calibrated on this very text: layer 0's gate/up see the dense inputs they were calibrated on, so
     # they hit the target; later sites see inputs changed by upstream sparsification and drift.
-    assert result.achieved_sparsity["layers.0.gate_proj"] == pytest.approx(0.5, abs=1e-3)
-    assert result.achieved_sparsity["layers.0.up_proj"] == pytest.approx(0.5, abs=1e-3)
-    assert all(0.2 < v < 0.8 for v in result.achieved_sparsity.values())
+    assert result.achieved_sparsity_by_site["layers.0.gate_proj"] == pytest.approx(0.5, abs=1e-3)
+    assert result.achieved_sparsity_by_site["layers.0.up_proj"] == pytest.approx(0.5, abs=1e-3)
+    assert all(0.2 < v < 0.8 for v in result.achieved_sparsity_by_site.values())
     down_only = ThresholdSparsifier(0.5)
     down_only.calibrate(tiny_model, "down_proj", tiny_blocks.batches(4))
     result = evaluate_perplexity(tiny_model, tiny_blocks, sparsifier=down_only, sites="down_proj")
-    assert result.achieved_sparsity["layers.0.down_proj"] == pytest.approx(0.5, abs=1e-3)
-    assert result.achieved_sparsity["layers.1.down_proj"] == pytest.approx(0.5, abs=0.02)
+    assert result.achieved_sparsity_by_site["layers.0.down_proj"] == pytest.approx(0.5, abs=1e-3)
+    assert result.achieved_sparsity_by_site["layers.1.down_proj"] == pytest.approx(0.5, abs=0.02)
 
 
 def test_biases_object_seed_dict_and_folded_agree(tiny_model, tiny_blocks):
@@ -175,7 +175,7 @@ def test_spon_eval_cli_table_and_json(tmp_path, monkeypatch, capsys):
     payload = json.loads(out.read_text())
     rows = payload["results"]
     assert [r["sparsifier"] for r in rows] == ["dense", "threshold", "threshold"]
-    assert [r["target_sparsity"] for r in rows] == [None, 0.3, 0.6]
+    assert [r["sparsity"] for r in rows] == [None, 0.3, 0.6]
     assert rows[2]["perplexity"] > rows[1]["perplexity"]
     assert set(rows[1]["achieved_sparsity_by_module"]) == {"gate_proj", "up_proj", "down_proj"}
     p = payload["protocol"]

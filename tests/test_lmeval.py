@@ -250,7 +250,9 @@ def test_experiment_downstream_lands_in_results_and_report_section(tmp_path):
     assert acc["UNIF-ALL"]["dense"] == acc["BASELINE-TEAL"]["dense"]  # dense shared
     cells = downstream(results)
     assert len(cells) == 2 and "Downstream tasks" in cells[0]["source"]
-    frame = L.downstream_frame(tmp_path / "out" / "ds")
+    from spon_toolkit.report.downstream_views import downstream_frame
+
+    frame = downstream_frame(tmp_path / "out" / "ds")
     assert set(frame["config"]) == {"BASELINE-TEAL", "UNIF-ALL"} and set(frame["task"]) == {"sotu_continuation"}
 
 

@@ -117,3 +117,69 @@ def test_builtin_plugin_list_matches_the_package():
 
     modules = sorted(m.name for m in pkgutil.iter_modules(builtin.__path__) if not m.name.startswith("_"))
     assert list(BUILTIN_PLUGINS) == modules, "list new built-in modules in spon_toolkit.plugins.BUILTIN_PLUGINS"
+
+
+# --- the layout: imports point one way ------------------------------------------------------------------
+
+#: docs/design.md "Architecture": a module may import from its own layer and the layers below it.
+LAYERS = {
+    "engine": ["errors", "fileio", "atomic", "sites", "activations", "sparsifiers", "sparse", "losses", "decode",
+               "protocols", "registry", "hookspecs", "tiny"],
+    "domain": ["contracts", "models", "data", "evaluate", "checkpoint", "export", "train", "importance",
+               "allocation", "analysis", "sae", "lmeval", "lmeval_data", "prompts"],
+    "pipeline": ["experiment", "results", "runner", "report"],
+    "entry": ["plugins", "builtin", "cli", "testing", "__init__", "__main__", "lmeval_tasks"],
+}
+#: the one-line convenience API may reach the process-wide default toolkit (docs/plugins.md)
+CONVENIENCE = {("spon_toolkit/models.py", "plugins"), ("spon_toolkit/train/seed_api.py", "plugins")}
+
+
+def _spon_imports(path: Path):
+    """(imported top-level spon_toolkit module, line) of every import in ``path``, type-checking-only
+    imports excluded."""
+    import ast
+
+    tree = ast.parse(path.read_text())
+    skip = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skip |= {id(n) for b in node.body for n in ast.walk(b)}
+    pkg = list(path.relative_to(ROOT).with_suffix("").parts)
+    if path.name == "__init__.py":
+        pkg = pkg[:-1] + ["__init__"]
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.ImportFrom) or id(node) in skip:
+            continue
+        if node.level:
+            mod = pkg[: len(pkg) - node.level] + (node.module.split(".") if node.module else [])
+        elif node.module and node.module.split(".")[0] == "spon_toolkit":
+            mod = node.module.split(".")
+        else:
+            continue
+        for dest in ([mod[1]] if len(mod) > 1 else [a.name for a in node.names]):
+            yield dest, node.lineno
+
+
+def test_every_module_has_a_layer():
+    layered = {m for ms in LAYERS.values() for m in ms}
+    tops = {p.relative_to(ROOT / "spon_toolkit").parts[0].removesuffix(".py")
+            for p in (ROOT / "spon_toolkit").rglob("*.py")}
+    assert tops <= layered, f"give these modules a layer in LAYERS and docs/design.md: {sorted(tops - layered)}"
+
+
+def test_imports_point_down_the_layers():
+    rank = {m: i for i, ms in enumerate(LAYERS.values()) for m in ms}
+    wrong = []
+    for path in (ROOT / "spon_toolkit").rglob("*.py"):
+        src = path.relative_to(ROOT / "spon_toolkit").parts[0].removesuffix(".py")
+        for dest, line in _spon_imports(path):
+            rel = str(path.relative_to(ROOT))
+            if rank.get(dest, -1) > rank[src] and (rel, dest) not in CONVENIENCE:
+                wrong.append(f"{rel}:{line} imports {dest}")
+    assert not wrong, "imports against the layering:\n" + "\n".join(wrong)
+
+
+def test_no_module_is_over_the_size_limit():
+    big = {str(p.relative_to(ROOT)): n for p in (ROOT / "spon_toolkit").rglob("*.py")
+           if (n := len(p.read_text().splitlines())) > 650}
+    assert not big, f"split these modules by responsibility: {big}"

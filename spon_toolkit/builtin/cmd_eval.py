@@ -48,10 +48,10 @@ def _fmt_sparsity(by_module: dict[str, float]) -> str:
 def _row(result, label: str, sparsity: Any, sites: str, dense_ppl: float | None) -> dict[str, Any]:
     delta = None if dense_ppl is None or sparsity is None else 100.0 * (result.perplexity / dense_ppl - 1.0)
     return {
-        "sparsifier": label, "target_sparsity": sparsity, "sites": sites,
+        "sparsifier": label, "sparsity": sparsity, "sparse_sites": sites,
         "perplexity": result.perplexity, "mean_nll": result.mean_nll, "delta_pct": delta,
-        "achieved_sparsity_by_module": result.sparsity_by_module, "achieved_sparsity_overall": result.overall_sparsity,
-        "achieved_sparsity": result.achieved_sparsity, "block_nlls": result.block_nlls,
+        "achieved_sparsity": result.achieved_sparsity, "achieved_sparsity_by_module": result.achieved_sparsity_by_module,
+        "achieved_sparsity_by_site": result.achieved_sparsity_by_site, "block_nlls": result.block_nlls,
         "seconds": round(result.seconds, 2),
     }
 
@@ -141,7 +141,7 @@ def _print_table(protocol: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     print(header)
     print("-" * len(header))
     for r in rows:
-        target = "-" if r["target_sparsity"] is None else f"{r['target_sparsity']:.2f}"
+        target = "-" if r["sparsity"] is None else f"{r['sparsity']:.2f}"
         delta = "" if r["delta_pct"] is None else f"{r['delta_pct']:+.1f}%"
         achieved = _fmt_sparsity(r["achieved_sparsity_by_module"])
         print(f"{r['sparsifier']:<12} {target:>6} {r['sites']:<12} {r['perplexity']:>9.3f} {delta:>9}  {achieved}")

@@ -1,7 +1,7 @@
 """Report section for downstream (lm-eval) results of experiments whose spec has ``downstream:``.
 
 The section appears only when some item of the run carries a ``downstream`` table; its cells read the
-saved results through :func:`spon_toolkit.lmeval.downstream_frame` (no model, no lm-eval needed).
+saved results through :func:`spon_toolkit.report.downstream_views.downstream_frame` (no model, no lm-eval needed).
 """
 
 from spon_toolkit.hookspecs import hookimpl
@@ -21,7 +21,7 @@ def downstream(results):
            "perplexity metrics a delta-method standard error over documents computed from lm-eval's "
            "per-document loglikelihoods (column *stderr source*). The second table gives paired differences "
            "on the same documents with their standard errors."),
-        code("from spon_toolkit.lmeval import downstream_frame, downstream_paired_frame\n\n"
+        code("from spon_toolkit.report.downstream_views import downstream_frame, downstream_paired_frame\n\n"
              "display(downstream_frame(results_dir))\n"
              "display(downstream_paired_frame(results_dir))"),
     ]
