@@ -10,7 +10,8 @@ Writes
   so a non-finite float is written as the string ``"nan"``, ``"inf"`` or ``"-inf"`` (lossless: a sparsifier
   threshold of +inf must come back as +inf), and :func:`load_json_object` / :func:`decode_nonfinite` read
   those three strings back as floats. Tensors and numpy values become lists / numbers, tuples and sets
-  lists, paths and dtypes strings. Documents are written with ``allow_nan=False``, so nothing else can
+  lists, paths and dtypes strings; anything else is a ``TypeError`` (nothing is
+  stringified by accident). Documents are written with ``allow_nan=False``, so nothing else can
   produce invalid JSON.
 - CSV cells: finite floats as ``repr`` (round-trip), non-finite ones as ``nan`` / ``inf`` / ``-inf`` (what
   pandas and Python's ``float`` read back), None as an empty cell.
@@ -201,9 +202,12 @@ def to_jsonable(obj: Any) -> Any:
         obj = obj.detach().cpu()
     if hasattr(obj, "tolist"):  # tensors, numpy arrays and numpy scalars
         return to_jsonable(obj.tolist())
-    if hasattr(obj, "is_floating_point") or type(obj).__module__ == "torch":  # torch.dtype and friends
+    if type(obj).__module__ == "torch":  # torch.dtype, torch.device
         return str(obj).removeprefix("torch.")
-    return str(obj)
+    if isinstance(obj, os.PathLike):
+        return os.fspath(obj)
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__} (write numbers, strings, lists, dicts, "
+                    f"tensors or paths)")
 
 
 def decode_nonfinite(obj: Any) -> Any:

@@ -125,7 +125,7 @@ def test_builtin_plugin_list_matches_the_package():
 LAYERS = {
     "engine": ["errors", "fileio", "atomic", "sites", "activations", "sparsifiers", "sparse", "losses", "decode",
                "protocols", "registry", "hookspecs", "tiny"],
-    "domain": ["contracts", "models", "data", "evaluate", "checkpoint", "export", "train", "importance",
+    "domain": ["aggregate", "contracts", "models", "data", "evaluate", "checkpoint", "export", "train", "importance",
                "allocation", "analysis", "sae", "lmeval", "lmeval_data", "prompts"],
     "pipeline": ["experiment", "results", "runner", "report"],
     "entry": ["plugins", "builtin", "cli", "testing", "__init__", "__main__", "lmeval_tasks"],
