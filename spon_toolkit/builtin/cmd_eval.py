@@ -144,7 +144,7 @@ def _print_table(protocol: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         target = "-" if r["sparsity"] is None else f"{r['sparsity']:.2f}"
         delta = "" if r["delta_pct"] is None else f"{r['delta_pct']:+.1f}%"
         achieved = _fmt_sparsity(r["achieved_sparsity_by_module"])
-        print(f"{r['sparsifier']:<12} {target:>6} {r['sites']:<12} {r['perplexity']:>9.3f} {delta:>9}  {achieved}")
+        print(f"{r['sparsifier']:<12} {target:>6} {r['sparse_sites']:<12} {r['perplexity']:>9.3f} {delta:>9}  {achieved}")
 
 
 @hookimpl
