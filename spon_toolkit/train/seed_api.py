@@ -119,8 +119,10 @@ class SPONTrainer:
         self.args = args or TrainingArgs()
         self.tokenizer = tokenizer
         toolkit = default_toolkit()
-        if self.args.device not in ("auto", None):
-            model.to(self.args.device)
+        from ..models import resolve_device
+
+        self.device = resolve_device(self.args.device)  # auto: CUDA > MPS > CPU, as the seed
+        model.to(self.device)
         for p in model.parameters():
             p.requires_grad_(False)
         self.sitemap = SiteMap(model)
