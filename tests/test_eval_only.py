@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from test_runner import write_spec
 
 from spon_toolkit.errors import SponError
 from spon_toolkit.experiment import load_experiment
 from spon_toolkit.plugins import Toolkit
 from spon_toolkit.runner import StageError, run_experiment
-
-from test_runner import write_spec
 
 KEYS = ("ppl", "dense_ppl", "sparse_ppl", "damage_recovered", "spon_params")
 

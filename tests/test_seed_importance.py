@@ -98,7 +98,7 @@ def test_elbow_takes_a_prefix_of_the_ranking_ending_at_the_largest_drop(values):
         low, high = min(scores[i] for i in chosen), max(rest)
         assert low >= high
         ordered = sorted(values, reverse=True)
-        gaps = [a - b for a, b in zip(ordered, ordered[1:])]
+        gaps = [a - b for a, b in zip(ordered, ordered[1:], strict=False)]
         assert low - high == max(gaps)
 
 

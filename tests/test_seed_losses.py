@@ -60,7 +60,6 @@ def test_ce_lowers_the_lm_loss():
     model = _offset_model()
     batches = _batches()
     with _sm(model) as sm:
-        sm.biases.params  # zeros
         before = _lm_loss(sm, batches)
         res = CETrainer(learning_rate=3e-2, epochs=6, init="zeros", logging_steps=3, progress=False).train(sm, batches)
         after = _lm_loss(sm, batches)

@@ -184,7 +184,7 @@ def ila(model: nn.Module, batches: Iterable, sparsifier=None, sites=None, *, ste
     order: list[int] = []
     losses = []
     with _Frozen(model), scales:
-        for step in tqdm(range(steps), desc="ILA", disable=_quiet(progress), leave=False):
+        for _ in tqdm(range(steps), desc="ILA", disable=_quiet(progress), leave=False):
             if not order:
                 order = torch.randperm(len(chunks), generator=gen).tolist()
             ids = chunks[order.pop()].to(device)
