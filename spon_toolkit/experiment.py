@@ -165,6 +165,9 @@ class ExperimentSpec(_Strict):
     #: an override file written by `spon importance -o` (relative to the spec file): layers for the
     #: data-driven allocations, used unless an allocation's own options give `layers`
     data_driven_overrides: str | None = None
+    #: evaluate the checkpoints in this directory (a run's checkpoints/, relative to the spec file) instead
+    #: of training: the seed's --skip_training --checkpoint_dir
+    checkpoints: str | None = Field(None, min_length=1)
     report: bool = True
     expect: list[str] = Field(default_factory=list)
     downstream: DownstreamSpec | None = None
@@ -442,6 +445,10 @@ class Experiment:
         what the plugins accept. Raises a one-line error naming the file and key."""
         self.check_names(toolkit)
         self.check_options(toolkit)
+        if self.spec.checkpoints is not None:  # evaluate-only: the directory must exist before any model work
+            from .eval_only import checkpoint_dir
+
+            checkpoint_dir(self.path, self.spec.checkpoints)
 
     def check_options(self, toolkit) -> None:
         from .allocation import check_allocation_options

@@ -14,7 +14,14 @@ Divergences (``p`` = teacher distribution, ``q`` = student distribution, per tok
 
 - ``kl``: ``KL(p || q) = sum p (log p - log q)`` (SPON's loss);
 - ``reverse_kl``: ``KL(q || p)``;
-- ``js``: Jensen-Shannon, ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q) / 2``.
+- ``js``: Jensen-Shannon, ``(KL(p || m) + KL(q || m)) / 2`` with ``m = (p + q) / 2``;
+- ``soft_ce``: cross-entropy to the teacher's distribution, ``-sum p log q = KL(p || q) + H(p)`` (the seed
+  repository's ``ce``; its gradient is the KL's, its value is larger by the teacher's entropy);
+- :func:`kl_logit_l2_rows` ``(w)``: ``KL(p || q) + w * mean_v (z_q - z_p)^2`` on the logits ``z`` (the seed's
+  ``kl+logit_l2``).
+
+:func:`chunked_cross_entropy` is the next-token cross-entropy of the student on the data's own next tokens
+(no teacher), chunked the same way.
 
 ``temperature`` ``T`` divides both logits and multiplies the result by ``T**2`` (the usual distillation
 scaling, so gradient magnitudes do not shrink with ``T``).
@@ -57,11 +64,36 @@ def js_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
     return 0.5 * (_kl_rows(log_p, log_m) + _kl_rows(log_q, log_m))
 
 
+def soft_ce_rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    """Per-token cross-entropy ``-sum p_teacher log p_student`` from logits (float32)."""
+    log_p = F.log_softmax(teacher.float(), -1)
+    return -torch.sum(log_p.exp() * F.log_softmax(student.float(), -1), dim=-1)
+
+
+def kl_logit_l2_rows(weight: float) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """Per-token ``KL(p || q) + weight * mean over the vocabulary of (student - teacher logits)^2``.
+
+    Summed over tokens and divided by their number this is the seed's ``kl + w * mse_loss(logits)``. Under a
+    distillation temperature ``T`` the rows receive logits divided by ``T`` and are multiplied by ``T**2``,
+    so the L2 term stays the one of the raw logits.
+    """
+    w = float(weight)
+
+    def rows(teacher: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+        kl = kl_rows(teacher, student)
+        if w == 0.0:
+            return kl
+        return kl + w * (student.float() - teacher.float()).pow(2).mean(dim=-1)
+
+    return rows
+
+
 #: name -> per-token divergence of (teacher logits, student logits) rows
 DIVERGENCES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
     "kl": kl_rows,
     "reverse_kl": reverse_kl_rows,
     "js": js_rows,
+    "soft_ce": soft_ce_rows,
 }
 
 
@@ -118,7 +150,7 @@ def chunked_divergence(
     teacher: torch.Tensor | Callable[[slice], torch.Tensor],
     student: torch.Tensor,
     *,
-    divergence: str = "kl",
+    divergence: str | Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = "kl",
     head: Callable[[torch.Tensor], torch.Tensor] | None = None,
     chunk_size: int | None = DEFAULT_CHUNK_SIZE,
     temperature: float = 1.0,
@@ -130,11 +162,12 @@ def chunked_divergence(
     ``teacher``: teacher logits with the same leading shape, or a callable ``slice -> logits`` over the
     flattened tokens (lets the caller derive teacher logits chunk-wise from cached hidden states).
     ``chunk_size=None`` processes all tokens in one chunk (the unchunked reference).
+    ``divergence``: a name of :data:`DIVERGENCES` or a per-token function of (teacher, student) logits.
     Returns a float32 scalar; differentiable w.r.t. ``student``.
     """
     if temperature <= 0:
         raise ConfigError(f"temperature must be > 0, got {temperature}")
-    row_fn = get_divergence(divergence)
+    row_fn = divergence if callable(divergence) else get_divergence(divergence)
     flat = student.reshape(-1, student.shape[-1])
     n = flat.shape[0]
     if n == 0:
@@ -162,6 +195,33 @@ def chunked_divergence(
         fn_head, fn_teacher, scale = base_head, teacher_chunk, 1.0
     need_grad = torch.is_grad_enabled() and flat.requires_grad
     return _EagerChunkedLoss.apply(flat, fn_head, fn_teacher, row_fn, chunk, scale, need_grad)
+
+
+def _ce_rows(labels: torch.Tensor, student: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(student.float(), labels, reduction="none")
+
+
+def chunked_cross_entropy(
+    labels: torch.Tensor,
+    student: torch.Tensor,
+    *,
+    head: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    chunk_size: int | None = DEFAULT_CHUNK_SIZE,
+) -> torch.Tensor:
+    """Mean next-token cross-entropy (NLL) of ``student`` logits (or activations, with ``head``) against
+    integer ``labels`` with the same leading shape; the language-modelling loss, chunked like
+    :func:`chunked_divergence` (peak memory ``chunk_size x vocab``)."""
+    flat = student.reshape(-1, student.shape[-1])
+    flat_labels = labels.reshape(-1)
+    n = flat.shape[0]
+    if n == 0:
+        raise ConfigError("no tokens to compute a loss on; give blocks of at least two tokens")
+    if flat_labels.shape[0] != n:
+        raise ConfigError(f"labels have {flat_labels.shape[0]} tokens, the student {n}; they must match")
+    chunk = _check_chunk(chunk_size, n)
+    fn_head = head if head is not None else (lambda x: x)
+    need_grad = torch.is_grad_enabled() and flat.requires_grad
+    return _EagerChunkedLoss.apply(flat, fn_head, flat_labels.__getitem__, _ce_rows, chunk, 1.0, need_grad)
 
 
 def kl_divergence(teacher_logits, student_logits, *, chunk_size: int | None = DEFAULT_CHUNK_SIZE, temperature=1.0):

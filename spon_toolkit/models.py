@@ -66,9 +66,13 @@ def user_cache_dir() -> Path:
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` -> CUDA if available, else CPU; an explicit device that is unavailable is an error."""
+    """``"auto"`` -> CUDA if available, else Apple MPS if available, else CPU (the seed's order); an explicit
+    device that is unavailable is an error."""
     if device is None or str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError):

@@ -86,8 +86,8 @@ def _blocked_from_env() -> set[str]:
 #: (``tests/test_plugins.py`` checks the list against the package).
 BUILTIN_PLUGINS: tuple[str, ...] = (
     "allocations", "analysis_sections", "analyzers", "architectures", "cmd_analyze", "cmd_doctor", "cmd_eval",
-    "cmd_importance", "cmd_lmeval", "cmd_plugins", "cmd_run", "cmd_sae", "cmd_train", "downstream_sections",
-    "importance", "loaders", "report_sections", "sae_analyzer", "sparsifiers", "trainers",
+    "cmd_import_seed", "cmd_importance", "cmd_lmeval", "cmd_plugins", "cmd_run", "cmd_sae", "cmd_train", "downstream_sections",
+    "importance", "loaders", "report_sections", "sae_analyzer", "seed_importance", "sparsifiers", "trainers",
 )
 
 #: Built-ins that cannot be blocked: every model needs the architecture table, and ``spon plugins`` must

@@ -326,20 +326,29 @@ class ExperimentRunner:
         biases = None
         sm = None
         try:
-            if plan.biased_sites:
+            if plan.biased_sites and spec.checkpoints is not None:  # evaluate-only (see eval_only.py)
+                from .eval_only import checkpoint_dir, load_item_biases
+
                 with self._stage(item.id, "train", timings):
                     biases = SponBiases(model, list(plan.biased_sites), sitemap=sitemap)
+                    train_info = load_item_biases(checkpoint_dir(self.experiment.path, spec.checkpoints),
+                                                  item_slug(item), biases, model=model, sparsity=item.sparsity)
+            if plan.biased_sites:
+                with self._stage(item.id, "train", timings):
+                    biases = biases or SponBiases(model, list(plan.biased_sites), sitemap=sitemap)
                     sm = SparseModel(model, sparsifier, list(plan.sparse_sites), biases=biases, sitemap=sitemap)
                     options = {"progress": bool(self.progress) if self.progress is not None else True,
                                **spec.trainer.options, "seed": item.seed}
                     trainer = build_trainer(self.toolkit, spec.trainer.name, options)
                     torch.manual_seed(item.seed)
-                    result = run_trainer(trainer, sm, self._batches(self._data.train),
-                                         calibration_batches=self._batches(self._data.calibration))
-                    history = [{k: float(v) for k, v in m.items()} for m in result.metrics]
-                    train_info = {"steps": result.steps, "tokens": result.tokens, "final_loss": result.final_loss,
-                                  "mean_loss": result.mean_loss, "objective": result.objective,
-                                  "seconds": result.seconds, "options": result.options}
+                    if not train_info:
+                        result = run_trainer(trainer, sm, self._batches(self._data.train),
+                                             calibration_batches=self._batches(self._data.calibration))
+                        history = [{k: float(v) for k, v in m.items()} for m in result.metrics]
+                        train_info = {"steps": result.steps, "tokens": result.tokens,
+                                      "final_loss": result.final_loss, "mean_loss": result.mean_loss,
+                                      "objective": result.objective, "seconds": result.seconds,
+                                      "options": result.options}
                     sm.detach()  # the evaluation attaches its own hooks
                 with self._stage(item.id, "evaluate", timings):
                     spon = self._evaluate(sparsifier, plan.sparse_sites, biases, desc=f"{item.config} s={item.sparsity:g}")

@@ -244,8 +244,8 @@ def test_seed_api_rejects_bad_args():
     model = make_tiny_llama(seed=0)
     with pytest.raises(ConfigError, match="learning rate"):
         SPONTrainer(model, SPONConfig("x", [0]), 0.5, TrainingArgs(learning_rate=0))
-    with pytest.raises(UnknownNameError, match="trainer 'ce'"):
-        SPONTrainer(model, SPONConfig("x", [0]), 0.5, TrainingArgs(distillation_loss="ce"))
+    with pytest.raises(UnknownNameError, match="trainer 'cross_entropy'"):
+        SPONTrainer(model, SPONConfig("x", [0]), 0.5, TrainingArgs(distillation_loss="cross_entropy"))
     trainer = SPONTrainer(model, SPONConfig("none", []), 0.5, TrainingArgs(progress=False))
     with pytest.raises(ConfigError, match="no sites carry"):
         trainer.train(_batches())

@@ -38,6 +38,12 @@ def configure(parser) -> None:
     parser.add_argument("--sites", default="down_proj",
                         help="site spec: all, attn, mlp, a module, layers.3, layers.0-9.down_proj (default: down_proj)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the calibration sample (default: 0)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="evaluate a SPON checkpoint (spon train / spon run / spon import-seed): dense, its "
+                             "sparsifier on its sites (TEAL) and with its biases; --sparsity/--sparsifier/--sites "
+                             "come from the checkpoint")
+    parser.add_argument("--no-fingerprint-check", action="store_true",
+                        help="with --checkpoint: accept a model whose weights differ from the checkpoint's")
     parser.add_argument("--output", default=None, help="write the results as JSON to this file")
 
 
@@ -72,6 +78,12 @@ def run(args, toolkit) -> int:
     from spon_toolkit.sparsifiers import check_sparsity
 
     # Validate what needs no model first, so mistakes fail in a second.
+    ckpt = None
+    if args.checkpoint:
+        from spon_toolkit.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(args.checkpoint)
+        args.sparsity = []  # the checkpoint's sparsifier and sites are evaluated instead
     sparsities = [check_sparsity(s, "--sparsity") for s in args.sparsity]
     for sparsity in sparsities:  # every level and option checked before the model loads
         build_sparsifier(toolkit, args.sparsifier, sparsity)
@@ -99,6 +111,15 @@ def run(args, toolkit) -> int:
     results = []
     dense = evaluate_perplexity(model, blocks, batch_size=args.batch_size, sitemap=sitemap, desc="dense")
     results.append(_row(dense, "dense", None, "-", None))
+    if ckpt is not None:
+        ckpt.validate(model, check_fingerprint=not args.no_fingerprint_check)
+        sp = ckpt.sparsifier(toolkit)
+        label = sp.name if sp is not None else "none"
+        where = f"{len(ckpt.sparse_sites)} sites"
+        for name, biases in (("teal", None), ("spon", ckpt.biases(model))):
+            res = evaluate_perplexity(model, blocks, sparsifier=sp, sites=ckpt.sparse_sites or None, biases=biases,
+                                      batch_size=args.batch_size, sitemap=sitemap, desc=name)
+            results.append(_row(res, f"{label}+{name}", ckpt.sparsity, where, dense.perplexity))
     for sparsity in sparsities:
         sparsifier = build_sparsifier(toolkit, args.sparsifier, sparsity)
         row_extra: dict[str, Any] = {}

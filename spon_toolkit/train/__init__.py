@@ -6,7 +6,13 @@ The trainer contract (hook ``spon_register_trainers``): ``factory(**options)`` r
 
 - ``kl`` (default): ``KL(p_dense || p_sparse)`` per token, averaged (SPON's loss);
 - ``reverse_kl``, ``js``: the same with ``KL(p_sparse || p_dense)`` / Jensen-Shannon;
-- ``hidden_mse``: relative MSE between dense and sparse outputs of the sparsified sites.
+- ``hidden_mse``: relative MSE between dense and sparse outputs of the sparsified sites;
+- ``kl+logit_l2`` (KL plus a weighted L2 on the logit difference) and ``soft_ce`` (cross-entropy to the
+  dense distribution): the seed repository's ``kl+logit_l2`` and ``ce``;
+- ``ce``: next-token cross-entropy on the data (no teacher).
+
+``gradient_accumulation_steps`` joins consecutive batches into one optimiser step whose gradient is the
+joined batch's (token-weighted).
 
 One training step: the teacher (``with sm.dense()``, no gradients) gives targets for the batch; those are
 cached per batch when they fit in ``teacher_cache_mb`` (they usually do: for the logit losses the cache
@@ -41,16 +47,20 @@ from .options import (
 from .seed_api import SPONConfig, SPONTrainer, TrainingArgs
 from .surgery import HeadSplit, split_head
 from .trainers import (
+                       CETrainer,
                        DistillationTrainer,
                        HiddenMSETrainer,
                        JSTrainer,
+                       KLLogitL2Options,
+                       KLLogitL2Trainer,
                        KLTrainer,
                        LogitDistillationTrainer,
                        ReverseKLTrainer,
+                       SoftCETrainer,
 )
 
 __all__ = [
     "DEFAULT_LR", "INITS", "METRIC_FIELDS", "SCHEDULES", "TrainOptions", "TrainResult", "TrainingDivergedError",
     "DistillationTrainer", "LogitDistillationTrainer", "KLTrainer", "ReverseKLTrainer", "JSTrainer",
-    "HiddenMSETrainer", "HeadSplit", "split_head", "lr_factor", "SPONConfig", "TrainingArgs", "SPONTrainer",
+    "HiddenMSETrainer", "KLLogitL2Trainer", "KLLogitL2Options", "SoftCETrainer", "CETrainer", "HeadSplit", "split_head", "lr_factor", "SPONConfig", "TrainingArgs", "SPONTrainer",
 ]

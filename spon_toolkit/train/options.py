@@ -62,6 +62,7 @@ class TrainOptions:
     autocast: str = "auto"  # auto | bf16 | off
     teacher_cache_mb: float = 1024.0
     progress: bool = True
+    gradient_accumulation_steps: int = 1  # batches per optimiser step; the gradient equals the joined batch's
 
     def __post_init__(self) -> None:
         lr = self.learning_rate
@@ -101,6 +102,8 @@ class TrainOptions:
             raise ConfigError(f"init_scale must be a finite number, got {self.init_scale}")
         if self.init_batches is not None and self.init_batches < 1:
             raise ConfigError(f"init_batches must be >= 1 (or None for all), got {self.init_batches}")
+        if self.gradient_accumulation_steps < 1:
+            raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         for name in ("warmup_ratio", "min_lr_ratio", "temperature", "teacher_cache_mb"):
@@ -118,7 +121,7 @@ class TrainOptions:
         options = dict(options)
         if isinstance(options.get("betas"), list):
             options["betas"] = tuple(options["betas"])
-        adapters = _option_adapters()
+        adapters = _option_adapters(cls)
         for key, value in options.items():
             try:
                 adapters[key].validate_python(value)
@@ -137,14 +140,16 @@ class TrainOptions:
 
 
 @functools.cache
-def _option_adapters() -> dict[str, Any]:
-    """One strict type check per :class:`TrainOptions` field (ints are not fractions, strings not numbers)."""
+def _option_adapters(cls: type = None) -> dict[str, Any]:
+    """One strict type check per field of ``cls`` (default :class:`TrainOptions`; ints are not fractions,
+    strings not numbers)."""
     import typing
 
     from pydantic import ConfigDict, TypeAdapter
 
-    hints = typing.get_type_hints(TrainOptions)
-    return {f.name: TypeAdapter(hints[f.name], config=ConfigDict(strict=True)) for f in dataclasses.fields(TrainOptions)}
+    cls = cls or TrainOptions
+    hints = typing.get_type_hints(cls)
+    return {f.name: TypeAdapter(hints[f.name], config=ConfigDict(strict=True)) for f in dataclasses.fields(cls)}
 
 
 @dataclass

@@ -42,8 +42,12 @@ class TrainingArgs:
     """The seed's training arguments; fields after ``logit_l2_weight`` are this toolkit's additions.
 
     ``learning_rate`` defaults to :data:`DEFAULT_LR` (the seed's 1e-5 recovers little, see README),
-    ``epochs`` to 1. ``distillation_loss`` names a trainer plugin (``kl``, ``reverse_kl``, ``js``,
-    ``hidden_mse``); ``mixed_precision=False`` forces float32 (``autocast="off"``).
+    ``epochs`` to 1. ``distillation_loss`` takes the seed's values with the seed's meaning -- ``kl``,
+    ``kl+logit_l2`` (weight ``logit_l2_weight``) and ``ce``, which in the seed is the cross-entropy to the
+    dense distribution and therefore runs the ``soft_ce`` trainer -- or any other trainer plugin's name
+    (``reverse_kl``, ``js``, ``hidden_mse``). ``kl_temperature`` is the distillation temperature,
+    ``gradient_accumulation_steps`` joins batches into one optimiser step (same gradient as the joined
+    batch); ``mixed_precision=False`` forces float32 (``autocast="off"``).
     """
 
     epochs: int = 1
@@ -71,18 +75,28 @@ class TrainingArgs:
     chunk_size: int | None = DEFAULT_CHUNK_SIZE
     progress: bool = True
 
+    #: the seed's distillation_loss values -> trainer plugins (others are trainer names already)
+    SEED_LOSSES = {"kl": "kl", "ce": "soft_ce", "kl+logit_l2": "kl+logit_l2"}
+
+    def trainer_name(self) -> str:
+        """The trainer plugin that ``distillation_loss`` stands for (the seed's names keep their meaning)."""
+        name = str(self.distillation_loss)
+        return self.SEED_LOSSES.get(name.lower(), name)
+
     def trainer_options(self) -> dict[str, Any]:
-        if self.gradient_accumulation_steps != 1:
-            raise ConfigError("gradient_accumulation_steps other than 1 is not supported; use a larger batch_size")
-        if self.logit_l2_weight:
-            raise ConfigError("logit_l2_weight is not supported; use distillation_loss='kl' with weight 0")
-        return {
+        extra: dict[str, Any] = {}
+        if self.trainer_name() == "kl+logit_l2":
+            extra["logit_l2_weight"] = self.logit_l2_weight
+        elif self.logit_l2_weight:
+            raise ConfigError(f"logit_l2_weight={self.logit_l2_weight} only applies to "
+                              f"distillation_loss='kl+logit_l2', not '{self.distillation_loss}'")
+        return {**extra,
             "learning_rate": self.learning_rate, "epochs": self.epochs, "max_tokens": self.max_tokens,
             "warmup_steps": self.warmup_steps, "warmup_ratio": self.warmup_ratio, "schedule": self.schedule,
             "max_grad_norm": self.max_grad_norm, "init": self.init, "seed": self.seed,
             "logging_steps": self.logging_steps, "metrics_csv": self.metrics_csv, "chunk_size": self.chunk_size,
             "temperature": self.kl_temperature, "autocast": "auto" if self.mixed_precision else "off",
-            "progress": self.progress,
+            "progress": self.progress, "gradient_accumulation_steps": self.gradient_accumulation_steps,
         }
 
 
@@ -105,8 +119,10 @@ class SPONTrainer:
         self.args = args or TrainingArgs()
         self.tokenizer = tokenizer
         toolkit = default_toolkit()
-        if self.args.device not in ("auto", None):
-            model.to(self.args.device)
+        from ..models import resolve_device
+
+        self.device = resolve_device(self.args.device)  # auto: CUDA > MPS > CPU, as the seed
+        model.to(self.device)
         for p in model.parameters():
             p.requires_grad_(False)
         self.sitemap = SiteMap(model)
@@ -115,7 +131,7 @@ class SPONTrainer:
         bias_sites = self.sitemap.resolve(config.bias_sites()) if config.layer_mask else []
         self.biases = SponBiases(model, bias_sites, sitemap=self.sitemap)
         self.spon_params: list[nn.Parameter] = list(self.biases.params.values())
-        self.trainer = build_trainer(toolkit, self.args.distillation_loss, self.args.trainer_options())
+        self.trainer = build_trainer(toolkit, self.args.trainer_name(), self.args.trainer_options())
         self.result: TrainResult | None = None
 
     @property

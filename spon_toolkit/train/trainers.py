@@ -7,13 +7,14 @@ import contextlib
 import math
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from ..activations import iter_input_ids, model_device
 from ..errors import ConfigError
-from ..losses import chunked_divergence, hidden_mse
+from ..losses import chunked_cross_entropy, chunked_divergence, hidden_mse, kl_logit_l2_rows
 from ..sparse import SparseModel
 from .options import TrainingDivergedError, TrainOptions, TrainResult, _write_csv_atomic, lr_factor
 from .surgery import HeadSplit, _SparsifierView, split_head
@@ -23,9 +24,10 @@ class DistillationTrainer:
     """The shared training loop. Subclasses define :meth:`teacher_targets` and :meth:`student_loss`."""
 
     objective = "base"
+    options_class: type[TrainOptions] = TrainOptions
 
     def __init__(self, **options: Any):
-        self.options = TrainOptions.from_options(options)
+        self.options = self.options_class.from_options(options)
 
     # -- objective interface ----------------------------------------------------------------------------
     def prepare(self, sm: SparseModel) -> None:
@@ -135,11 +137,29 @@ class DistillationTrainer:
                     p.requires_grad_(flag)
                 model.train(was_training)
 
-    def _loop(self, sm, data, params, steps, warmup, gen, device) -> TrainResult:
+    @staticmethod
+    def _groups(micro_steps: int, n: int, accumulate: int) -> list[tuple[int, list[tuple[int, int]]]]:
+        """Optimiser steps as ``(epoch, [(epoch, position), ...])``: ``accumulate`` consecutive batches of one
+        epoch per step; an epoch's last group may be smaller (as in the seed: no batch is dropped)."""
+        groups: list[tuple[int, list[tuple[int, int]]]] = []
+        current: list[tuple[int, int]] = []
+        for micro in range(micro_steps):
+            epoch, pos = divmod(micro, n)
+            current.append((epoch, pos))
+            if len(current) == accumulate or pos == n - 1 or micro == micro_steps - 1:
+                groups.append((epoch, current))
+                current = []
+        return groups
+
+    def _loop(self, sm, data, params, micro_steps, warmup, gen, device) -> TrainResult:
         opts = self.options
         optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, betas=tuple(opts.betas),
                                       weight_decay=opts.weight_decay)
         n = len(data)
+        groups = self._groups(micro_steps, n, int(opts.gradient_accumulation_steps))
+        steps = len(groups)
+        if opts.gradient_accumulation_steps > 1 and opts.warmup_steps is None:
+            warmup = int(opts.warmup_ratio * steps)  # in optimiser steps
         cache: dict[int, Any] = {}
         cache_bytes = 0
         cache_full = False
@@ -155,39 +175,45 @@ class DistillationTrainer:
         bar = tqdm(total=steps, desc=f"train {self.objective}", unit="step",
                    disable=None if opts.progress else True, leave=False)
         try:
-            for step in range(steps):
-                epoch, pos = divmod(step, n)
-                if pos == 0:
-                    order = (torch.randperm(n, generator=gen).tolist() if opts.shuffle else list(range(n)))
-                idx = order[pos]
-                ids = data[idx]
+            for step, (epoch, group) in enumerate(groups):
                 lr = opts.learning_rate * lr_factor(step, steps, warmup, opts.schedule, opts.min_lr_ratio)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                for g in optimizer.param_groups:
+                    g["lr"] = lr
+                indices = []
+                for _, pos in group:
+                    if pos == 0:
+                        order = (torch.randperm(n, generator=gen).tolist() if opts.shuffle else list(range(n)))
+                    indices.append(order[pos])
+                group_tokens = sum(data[i].numel() for i in indices)
+                optimizer.zero_grad(set_to_none=True)
+                value = 0.0
+                for idx in indices:
+                    ids = data[idx]
+                    targets = cache.get(idx)
+                    if targets is None:
+                        with torch.no_grad(), sm.dense(), self._autocast(device):
+                            targets = self.teacher_targets(sm, ids)
+                        size = self._nbytes(targets)
+                        if not cache_full and cache_bytes + size <= opts.teacher_cache_mb * 2**20:
+                            cache[idx] = targets
+                            cache_bytes += size
+                        else:
+                            cache_full = True
 
-                targets = cache.get(idx)
-                if targets is None:
-                    with torch.no_grad(), sm.dense(), self._autocast(device):
-                        targets = self.teacher_targets(sm, ids)
-                    size = self._nbytes(targets)
-                    if not cache_full and cache_bytes + size <= opts.teacher_cache_mb * 2**20:
-                        cache[idx] = targets
-                        cache_bytes += size
-                    else:
-                        cache_full = True
-
-                with self._autocast(device):
-                    loss = self.student_loss(sm, ids, targets)
-                value = float(loss.detach())
-                if not math.isfinite(value):
-                    self._restore(params, last_good)
-                    raise TrainingDivergedError(
-                        f"loss became {value} at step {step + 1}; biases reset to the last finite-loss values "
-                        f"(lower the learning rate, currently {opts.learning_rate:g}, or use float32)")
+                    with self._autocast(device):
+                        loss = self.student_loss(sm, ids, targets)
+                    micro = float(loss.detach())
+                    if not math.isfinite(micro):
+                        self._restore(params, last_good)
+                        raise TrainingDivergedError(
+                            f"loss became {micro} at step {step + 1}; biases reset to the last finite-loss "
+                            f"values (lower the learning rate, currently {opts.learning_rate:g}, or use float32)")
+                    # token-weighted, so accumulated batches give the gradient of the batch they join into
+                    weight = ids.numel() / group_tokens
+                    value += micro * weight
+                    (loss * weight if len(indices) > 1 else loss).backward()
                 for p, good in zip(params, last_good, strict=True):
                     good.copy_(p.detach())
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
                 if opts.max_grad_norm is not None:
                     norm = float(torch.nn.utils.clip_grad_norm_(params, opts.max_grad_norm))
                 else:
@@ -200,12 +226,12 @@ class DistillationTrainer:
                         f"finite-loss values (lower the learning rate or use float32)")
                 optimizer.step()
 
-                tokens_seen += ids.numel()
+                tokens_seen += group_tokens
                 losses.append(value)
                 window_loss += value
                 window_norm += norm
                 window_steps += 1
-                window_tokens += ids.numel()
+                window_tokens += group_tokens
                 bar.update(1)
                 if (step + 1) % opts.logging_steps == 0 or step + 1 == steps:
                     now = time.perf_counter()
@@ -336,3 +362,74 @@ class HiddenMSETrainer(DistillationTrainer):
 
     def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         return hidden_mse(targets, self._run(sm, ids))
+
+
+@dataclass
+class KLLogitL2Options(TrainOptions):
+    """:class:`TrainOptions` plus the weight of the logit L2 term."""
+
+    logit_l2_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not (math.isfinite(self.logit_l2_weight) and self.logit_l2_weight >= 0):
+            raise ConfigError(f"logit_l2_weight must be a finite number >= 0, got {self.logit_l2_weight}")
+
+
+class KLLogitL2Trainer(LogitDistillationTrainer):
+    """``KL(p_dense || p_sparse) + logit_l2_weight * mean (z_sparse - z_dense)^2`` (the seed's ``kl+logit_l2``):
+    the KL plus an L2 pull of the raw logits towards the dense ones. With weight 0 it is ``kl``."""
+
+    divergence = "kl+logit_l2"
+    options_class = KLLogitL2Options
+
+    def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert self._split is not None
+        head = self._split.head
+        flat_t = targets.reshape(-1, targets.shape[-1])
+
+        def teacher(sl: slice) -> torch.Tensor:
+            with torch.no_grad():
+                return head(flat_t[sl])
+
+        rows = kl_logit_l2_rows(self.options.logit_l2_weight)
+        return chunked_divergence(teacher, self._split.body(ids), divergence=rows, head=head,
+                                  chunk_size=self.options.chunk_size, temperature=self.options.temperature)
+
+
+class SoftCETrainer(LogitDistillationTrainer):
+    """Cross-entropy to the dense model's distribution, ``-sum p_dense log p_sparse`` (the seed's ``ce``).
+
+    It differs from ``kl`` by the teacher's entropy, a constant of the data: the gradients, hence the trained
+    biases, are the ``kl`` ones; only the reported loss is larger."""
+
+    divergence = "soft_ce"
+
+
+class CETrainer(DistillationTrainer):
+    """Next-token cross-entropy of the sparse model on the data itself (language modelling, no teacher).
+
+    Biases learn to predict the text rather than to imitate the dense model; a loss ablation. Each block of
+    ``T`` tokens gives ``T - 1`` predictions (as in perplexity). ``temperature`` must stay 1."""
+
+    objective = "ce"
+
+    def __init__(self, **options: Any):
+        super().__init__(**options)
+        if self.options.temperature != 1.0:
+            raise ConfigError(f"the ce trainer has no teacher to soften; temperature must be 1, "
+                              f"got {self.options.temperature}")
+        self._split: HeadSplit | None = None
+
+    def prepare(self, sm: SparseModel) -> None:
+        self._split = split_head(sm.model)
+
+    def teacher_targets(self, sm: SparseModel, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[-1] < 2:
+            raise ConfigError("the ce trainer needs blocks of at least 2 tokens (one next-token prediction)")
+        return ids[..., 1:]
+
+    def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        assert self._split is not None
+        hidden = self._split.body(ids)[..., :-1, :]
+        return chunked_cross_entropy(targets, hidden, head=self._split.head, chunk_size=self.options.chunk_size)
