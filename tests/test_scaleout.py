@@ -1,0 +1,130 @@
+"""Many writers on one run directory: per-item records and claims (two processes, one killed mid-item)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from spon_toolkit.experiment import load_experiment
+from spon_toolkit.plugins import Toolkit
+from spon_toolkit.runner import run_experiment
+
+from test_runner import AGGREGATED, write_spec
+
+WORKER = """
+import os, sys, time
+from spon_toolkit.experiment import load_experiment
+from spon_toolkit.plugins import Toolkit
+from spon_toolkit.results import ExperimentManager
+from spon_toolkit.runner import ExperimentRunner, run_experiment
+
+victim, log = os.environ.get("SPON_VICTIM"), os.environ["SPON_LOG"]
+real_compute, real_record = ExperimentRunner._compute, ExperimentManager.record
+
+def compute(self, item):
+    out = real_compute(self, item)  # the checkpoint is written; the record is not yet
+    if item.id == victim:
+        open(os.environ["SPON_MARKER"], "w").close()
+        time.sleep(3600)  # killed here, mid-item
+    return out
+
+def record(self, item_id, record, logs=None):
+    with open(log, "a") as f:
+        f.write(item_id + "\\n")
+    return real_record(self, item_id, record, logs)
+
+ExperimentRunner._compute, ExperimentManager.record = compute, record
+toolkit = Toolkit(load_entrypoints=False)
+sweep = run_experiment(load_experiment("exp_tiny.yaml", toolkit), toolkit=toolkit, output_dir="out", progress=False)
+sys.exit(1 if sweep.errors else 0)
+"""
+
+
+def _wait_for(predicate, timeout: float, what: str) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def _n_finished(run_root) -> int:
+    files = list(run_root.glob("run_*/items/*.json"))
+    return sum(not f.name.endswith(".failure.json") for f in files)
+
+
+def test_two_processes_one_killed_mid_item_lose_and_duplicate_nothing(tmp_path):
+    toolkit = Toolkit(load_entrypoints=False)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    exp = load_experiment(write_spec(ref, expect="  []"), toolkit)
+    assert not run_experiment(exp, toolkit=toolkit, output_dir=ref / "out", progress=False).errors
+
+    work = tmp_path / "work"
+    work.mkdir()
+    write_spec(work, expect="  []")
+    victim = "exp_tiny.yaml::UNIF-ALL[s=0.5,seed=0]"  # the second item
+    env = {**os.environ, "SPON_LOG": str(work / "a.log"), "SPON_VICTIM": victim, "SPON_MARKER": str(work / "mark")}
+    a = subprocess.Popen([sys.executable, "-c", WORKER], cwd=work, env=env)
+    b = None
+    try:
+        _wait_for(lambda: (work / "mark").exists() or a.poll() is not None, 240, "worker A to reach the item")
+        assert a.poll() is None
+        b = subprocess.Popen([sys.executable, "-c", WORKER], cwd=work,
+                             env={**env, "SPON_LOG": str(work / "b.log"), "SPON_VICTIM": ""})
+        # B takes every item but the one A holds, then waits for A's claim
+        _wait_for(lambda: _n_finished(work / "out/tiny/runs") == 5 or b.poll() is not None, 240, "worker B")
+        assert b.poll() is None  # still waiting for the claimed item
+        a.send_signal(signal.SIGKILL)  # kill -9 mid-item: its checkpoint is written, its record is not
+        a.wait()
+        assert b.wait(timeout=240) == 0
+    finally:
+        for p in (a, b):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+    done_a = (work / "a.log").read_text().split()
+    done_b = (work / "b.log").read_text().split()
+    assert victim not in done_a and victim in done_b
+    assert sorted(done_a + done_b) == sorted(it.id for it in exp.items())  # each item recorded exactly once
+    runs = list((work / "out/tiny/runs").iterdir())
+    assert len(runs) == 1
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert list(results) == [it.id for it in exp.items()]
+    for rel in AGGREGATED:
+        assert (ref / "out/tiny" / rel).read_bytes() == (work / "out/tiny" / rel).read_bytes(), rel
+
+
+def test_cooperating_writers_share_the_directory_and_an_exclusive_holder_is_refused(tmp_path):
+    from spon_toolkit.errors import ConfigError
+    from spon_toolkit.results import ExperimentManager
+
+    a, b = ExperimentManager(tmp_path, "e"), ExperimentManager(tmp_path, "e")
+    a.start_run("h", {"spec": {}}, ["x", "y"])
+    b.start_run("h", {"spec": {}}, ["x", "y"])
+    assert a.run_dir == b.run_dir
+    claim = a.claim("x")
+    assert claim is not None and b.claim("x") is None  # one claimant per item
+    a.record("x", {"id": "x", "config": "C", "sparsity": 0.5, "seed": 0, "dense_ppl": 2.0, "sparse_ppl": 3.0,
+                   "ppl": 2.5})
+    claim.release()
+    assert b.is_finished("x") and not b.is_finished("y")  # seen from the other writer
+    a.release()
+    b.release()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "from spon_toolkit.results import ExperimentManager; import sys; "
+         "m = ExperimentManager(sys.argv[1], 'e'); m.acquire(); print('locked', flush=True); sys.stdin.read()",
+         str(tmp_path)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(ConfigError, match=f"in use by pid {holder.pid}"):
+            ExperimentManager(tmp_path, "e").start_run("h", {"spec": {}}, ["x"])
+    finally:
+        holder.kill()
+        holder.wait()
