@@ -118,6 +118,7 @@ class ExperimentRunner:
         self.manager = ExperimentManager(output_dir, experiment.name)
         self.resume = resume
         self.run_name = run_name  # join this run directory (cooperating workers of one sweep)
+        self.share_teacher = True  # False: each item computes its own teacher targets (as before)
         self.started = False
         self._model = self._tokenizer = self._data = None
         self._sitemap = None
@@ -127,6 +128,7 @@ class ExperimentRunner:
         self._importance: dict[tuple[float, str], Any] = {}
         self._overrides = None
         self._records: dict[str, dict[str, Any]] = {}
+        self.teacher = None  # SharedTeacher: the dense teacher's targets, computed once for all items
         self._downstream: dict[Any, Any] = {}  # lm-eval outputs shared by items (see lmeval.downstream_for_item)
         self.timings: dict[str, float] = {}
 
@@ -355,6 +357,13 @@ class ExperimentRunner:
                     options = {"progress": bool(self.progress) if self.progress is not None else True,
                                **spec.trainer.options, "seed": item.seed}
                     trainer = build_trainer(self.toolkit, spec.trainer.name, options)
+                    if hasattr(trainer, "shared_teacher") and self.share_teacher:
+                        if self.teacher is None:
+                            from .teacher import SharedTeacher
+
+                            self.teacher = SharedTeacher(getattr(getattr(trainer, "options", None),
+                                                                 "teacher_cache_mb", 4096))
+                        trainer.shared_teacher = self.teacher
                     torch.manual_seed(item.seed)
                     result = run_trainer(trainer, sm, self._batches(self._data.train),
                                          calibration_batches=self._batches(self._data.calibration))

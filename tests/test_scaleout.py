@@ -128,3 +128,34 @@ def test_cooperating_writers_share_the_directory_and_an_exclusive_holder_is_refu
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_shared_teacher_gives_the_same_biases_as_the_per_item_teacher(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    from spon_toolkit.runner import ExperimentRunner
+    from spon_toolkit.train.trainers import LogitDistillationTrainer
+
+    toolkit = Toolkit(load_entrypoints=False)
+    exp = load_experiment(write_spec(tmp_path, expect="  []"), toolkit)
+    calls = []
+    real = LogitDistillationTrainer.teacher_targets
+    monkeypatch.setattr(LogitDistillationTrainer, "teacher_targets",
+                        lambda self, sm, ids: calls.append(1) or real(self, sm, ids))
+    runs = {}
+    for shared in (True, False):
+        calls.clear()
+        runner = ExperimentRunner(exp, toolkit=toolkit, output_dir=tmp_path / f"out{shared}", progress=False)
+        runner.share_teacher = shared
+        records = [runner.run_item(it, check=False).record for it in exp.items()]
+        runs[shared] = (records, runner.manager.run_dir, len(calls))
+    trained = [r for r in runs[True][0] if r["checkpoint"]]
+    assert len(trained) == 4
+    # 4 training batches: computed once for the experiment vs once per trained item (2 epochs use the cache)
+    assert runs[True][2] == 4 and runs[False][2] == 4 * len(trained)
+    for r_shared, r_item in zip(runs[True][0], runs[False][0], strict=True):
+        assert r_shared["ppl"] == r_item["ppl"] and r_shared["train_final_loss"] == r_item["train_final_loss"]
+        if r_shared["checkpoint"]:
+            a = load_file(str(runs[True][1] / r_shared["checkpoint"]))
+            b = load_file(str(runs[False][1] / r_item["checkpoint"]))
+            assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)

@@ -22,9 +22,15 @@ class DistillationTrainer:
     """The shared training loop. Subclasses define :meth:`teacher_targets` and :meth:`student_loss`."""
 
     objective = "base"
+    #: a :class:`spon_toolkit.teacher.SharedTeacher` set by the runner: targets shared across items
+    shared_teacher = None
 
     def __init__(self, **options: Any):
         self.options = TrainOptions.from_options(options)
+
+    def teacher_key(self, sm: SparseModel) -> tuple | None:
+        """What the teacher targets depend on besides the batch, or ``None``: not shareable across items."""
+        return None
 
     # -- objective interface ----------------------------------------------------------------------------
     def prepare(self, sm: SparseModel) -> None:
@@ -140,6 +146,12 @@ class DistillationTrainer:
                                       weight_decay=opts.weight_decay)
         n = len(data)
         cache: dict[int, Any] = {}
+        shared_keys = None
+        base_key = self.teacher_key(sm) if self.shared_teacher is not None else None
+        if base_key is not None:
+            from ..teacher import batch_fingerprint
+
+            shared_keys = [(*base_key, self.options.autocast, device.type, batch_fingerprint(ids)) for ids in data]
         cache_bytes = 0
         cache_full = False
         metrics: list[dict[str, float]] = []
@@ -165,11 +177,20 @@ class DistillationTrainer:
                     group["lr"] = lr
 
                 targets = cache.get(idx)
+                if targets is None and shared_keys is not None:
+                    targets = self.shared_teacher.get(shared_keys[idx])
+                    if targets is not None:
+                        cache[idx] = targets
                 if targets is None:
                     with torch.no_grad(), sm.dense(), self._autocast(device):
                         targets = self.teacher_targets(sm, ids)
+                    if shared_keys is not None and self.shared_teacher.put(shared_keys[idx], targets):
+                        cache[idx] = targets  # counted in the shared budget, not this item's
+                        continue_cache = False
+                    else:
+                        continue_cache = True
                     size = self._nbytes(targets)
-                    if not cache_full and cache_bytes + size <= opts.teacher_cache_mb * 2**20:
+                    if continue_cache and not cache_full and cache_bytes + size <= opts.teacher_cache_mb * 2**20:
                         cache[idx] = targets
                         cache_bytes += size
                     else:
@@ -253,6 +274,9 @@ class LogitDistillationTrainer(DistillationTrainer):
     def prepare(self, sm: SparseModel) -> None:
         self._split = split_head(sm.model)
 
+    def teacher_key(self, sm: SparseModel) -> tuple | None:
+        return ("final_hidden", id(sm.model))  # the dense model's final hidden states
+
     def teacher_targets(self, sm: SparseModel, ids: torch.Tensor) -> torch.Tensor:
         assert self._split is not None
         return self._split.body(ids).detach()
@@ -332,6 +356,9 @@ class HiddenMSETrainer(DistillationTrainer):
 
     def teacher_targets(self, sm: SparseModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {s: t.detach() for s, t in self._run(sm, ids).items()}
+
+    def teacher_key(self, sm: SparseModel) -> tuple | None:
+        return ("site_outputs", id(sm.model), tuple(sm.sparse_sites))  # dense outputs of these sites
 
     def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         return hidden_mse(targets, self._run(sm, ids))
