@@ -573,17 +573,26 @@ class ExperimentManager:
 
     def start_run(self, spec_hash: str, config: Mapping[str, Any], item_ids: Sequence[str], *,
                   resume: bool = True, metadata: Mapping[str, Any] | None = None,
-                  run_name: str | None = None) -> RunState:
+                  run_name: str | None = None, run_tag: str | None = None) -> RunState:
         """Continue the latest run with the same ``spec_hash`` (``resume=True``) or create a new one;
         ``run_name`` joins that run (cooperating workers of one sweep). Several processes may do this at
-        once: the choice of the run is serialised by a short-lived lock."""
+        once: the choice of the run is serialised by a short-lived lock. ``run_tag``: processes of one
+        session (pytest-xdist workers) share the run carrying that tag, also when it is a fresh run."""
         from filelock import FileLock
 
         self.join()
         with FileLock(str(self.experiment_dir / ".start.lock"), is_singleton=False, preserve_lock_file=True):
-            return self._start_run(spec_hash, config, item_ids, resume, metadata, run_name)
+            return self._start_run(spec_hash, config, item_ids, resume, metadata, run_name, run_tag)
 
-    def _start_run(self, spec_hash, config, item_ids, resume, metadata, run_name) -> RunState:
+    def _tagged_run(self, spec_hash: str, tag: str) -> Path | None:
+        for run_dir in sorted(self.runs_dir.glob("run_*"), reverse=True) if self.runs_dir.is_dir() else []:
+            with contextlib.suppress(ConfigError):
+                cfg = read_json(run_dir / "config.json", "run config") if (run_dir / "config.json").is_file() else {}
+                if cfg.get("spec_hash") == spec_hash and cfg.get("run_tag") == tag:
+                    return run_dir
+        return None
+
+    def _start_run(self, spec_hash, config, item_ids, resume, metadata, run_name, run_tag=None) -> RunState:
         from .records import read_item_files, write_item
 
         self._check_same_spec_file((metadata or {}).get("spec_file"))
@@ -592,7 +601,9 @@ class ExperimentManager:
             if read_json(existing / "config.json", "run config").get("spec_hash") != spec_hash:
                 raise ConfigError(f"{existing}: run '{run_name}' belongs to another version of the spec")
         else:
-            existing = self._latest_run(spec_hash) if resume else None
+            existing = self._tagged_run(spec_hash, run_tag) if run_tag is not None else None
+            if existing is None and resume:
+                existing = self._latest_run(spec_hash)
         if existing is not None:
             state = RunState(existing, read_json(existing / "config.json", "run config"), resumed=True)
             legacy: dict[str, Any] = {}
@@ -616,7 +627,8 @@ class ExperimentManager:
             (run_dir / "figures").mkdir()
             (run_dir / "items").mkdir()
             state = RunState(run_dir, {"experiment": self.experiment, "spec_hash": spec_hash,
-                                       "item_ids": list(item_ids), **config})
+                                       "item_ids": list(item_ids), **config,
+                                       **({} if run_tag is None else {"run_tag": run_tag})})
             atomic_write_json(run_dir / "config.json", state.config)
         self.run = state
         self._write_metadata(metadata or {})

@@ -111,13 +111,15 @@ class ExperimentRunner:
     """
 
     def __init__(self, experiment: Experiment, *, toolkit, output_dir: str | Path = "results",
-                 resume: bool = True, progress: bool | None = None, run_name: str | None = None):
+                 resume: bool = True, progress: bool | None = None, run_name: str | None = None,
+                 run_tag: str | None = None):
         self.experiment = experiment
         self.toolkit = toolkit
         self.progress = progress
         self.manager = ExperimentManager(output_dir, experiment.name)
         self.resume = resume
         self.run_name = run_name  # join this run directory (cooperating workers of one sweep)
+        self.run_tag = run_tag  # workers of one session share the run carrying this tag
         self.share_teacher = True  # False: each item computes its own teacher targets (as before)
         self.started = False
         self._model = self._tokenizer = self._data = None
@@ -146,7 +148,7 @@ class ExperimentRunner:
             exp.spec_hash, {"spec_file": str(exp.path), "spec": exp.spec.model_dump(mode="json")},
             [it.id for it in exp.items()], resume=self.resume,
             metadata={"spec_file": str(exp.path), "spec_hash": exp.spec_hash, "description": exp.spec.description},
-            run_name=self.run_name,
+            run_name=self.run_name, run_tag=self.run_tag,
         )
         self._records = self.manager.finished()
         self.started = True

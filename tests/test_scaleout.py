@@ -159,3 +159,37 @@ def test_shared_teacher_gives_the_same_biases_as_the_per_item_teacher(tmp_path, 
             a = load_file(str(runs[True][1] / r_shared["checkpoint"]))
             b = load_file(str(runs[False][1] / r_item["checkpoint"]))
             assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
+
+
+def test_pytest_xdist_two_workers_run_a_tiny_spec_like_spon_run(tmp_path, pytester):
+    pytest.importorskip("xdist")
+    toolkit = Toolkit(load_entrypoints=False)
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    exp = load_experiment(write_spec(ref), toolkit)  # expectations compare items run by other workers
+    assert not run_experiment(exp, toolkit=toolkit, output_dir=ref / "out", progress=False).errors
+
+    write_spec(pytester.path)
+    result = pytester.runpytest_subprocess("-n", "2", "-v", "exp_tiny.yaml", "--spon-output-dir", "out")
+    result.assert_outcomes(passed=6)
+    assert "[gw0] PASSED" in result.stdout.str() and "[gw1] PASSED" in result.stdout.str()
+    runs = list((pytester.path / "out/tiny/runs").iterdir())
+    assert len(runs) == 1  # both workers joined one run
+    results = json.loads((runs[0] / "results.json").read_text())
+    assert list(results) == [it.id for it in exp.items()]
+    for rel in AGGREGATED:
+        assert (ref / "out/tiny" / rel).read_bytes() == (pytester.path / "out/tiny" / rel).read_bytes(), rel
+
+
+def test_worker_device_follows_the_index_and_the_override(monkeypatch):
+    from spon_toolkit.errors import ConfigError
+    from spon_toolkit.scaleout import worker_device
+
+    assert worker_device(3, "0,2") == 2 and worker_device(0, "5") == 5
+    with pytest.raises(ConfigError, match="SPON_DEVICES"):
+        worker_device(0, "a,b")
+    monkeypatch.delenv("SPON_DEVICES", raising=False)
+    import torch
+
+    expected = None if not torch.cuda.is_available() else 1 % torch.cuda.device_count()
+    assert worker_device(1) == expected
