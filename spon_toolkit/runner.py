@@ -120,6 +120,7 @@ class ExperimentRunner:
         self.resume = resume
         self.run_name = run_name  # join this run directory (cooperating workers of one sweep)
         self.run_tag = run_tag  # workers of one session share the run carrying this tag
+        self.compute_missing = True  # expectations run the items they compare with (False: a Ray driver)
         self.share_teacher = True  # False: each item computes its own teacher targets (as before)
         self.started = False
         self._model = self._tokenizer = self._data = None
@@ -505,6 +506,8 @@ class ExperimentRunner:
         """The metrics of one item, running it first if needed (expectations compare items)."""
         other = self.experiment.item(config, sparsity, seed)
         record = self._records.get(other.id) if self.is_finished(other) else None
+        if record is None and not self.compute_missing:
+            raise StageError(other.id, "expectations", "the item has no record (it failed or was not selected)")
         if record is None:
             record = self.run_item(other, check=False).record
         return {"ppl": record["ppl"], "dense_ppl": record["dense_ppl"], "sparse_ppl": record["sparse_ppl"],

@@ -193,3 +193,85 @@ def test_worker_device_follows_the_index_and_the_override(monkeypatch):
 
     expected = None if not torch.cuda.is_available() else 1 % torch.cuda.device_count()
     assert worker_device(1) == expected
+
+
+KILLER = '''
+import os
+from spon_toolkit.hookspecs import hookimpl
+from spon_toolkit.train import KLTrainer
+
+MARKER = {marker!r}
+
+
+class KillOnce(KLTrainer):
+    """KL, but the first item to train kills its worker process (like an OOM kill or a lost node)."""
+
+    def train(self, sm, batches, **kwargs):
+        if not os.path.exists(MARKER):
+            open(MARKER, "w").close()
+            os._exit(1)
+        return super().train(sm, batches, **kwargs)
+
+
+@hookimpl
+def spon_register_trainers(register):
+    register("kl_kill_once", KillOnce, description="test trainer")
+'''
+
+
+@pytest.fixture
+def ray_cluster():
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def test_ray_executor_matches_local_and_retries_a_killed_worker(tmp_path, ray_cluster):
+    from spon_toolkit.ray_executor import run_experiment_ray
+
+    plugins = tmp_path / "plugins"
+    plugins.mkdir()
+    (plugins / "killer.py").write_text(KILLER.format(marker=str(tmp_path / "killed")))
+    kwargs = {"plugins_dir": str(plugins), "load_entrypoints": False}
+    toolkit = Toolkit(**kwargs)
+    replace = {"name: kl,": "name: kl_kill_once,", "seeds: [0, 1]": "seeds: [0]"}
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    (tmp_path / "killed").touch()  # the local reference run is not killed
+    exp = load_experiment(write_spec(ref, replace=replace), toolkit)
+    assert not run_experiment(exp, toolkit=toolkit, output_dir=ref / "out", progress=False).errors
+    (tmp_path / "killed").unlink()
+
+    work = tmp_path / "work"
+    work.mkdir()
+    exp = load_experiment(write_spec(work, replace=replace), toolkit)
+    seen = []
+    sweep = run_experiment_ray(exp, toolkit=toolkit, output_dir=work / "out", toolkit_kwargs=kwargs,
+                               on_item=lambda item, outcome, err: seen.append((item.id, err)))
+    assert (tmp_path / "killed").exists()  # a worker was killed mid-item ...
+    assert not sweep.errors and [e for _, e in seen] == [None] * 3  # ... and its item retried
+    assert [i for i, _ in seen] == [it.id for it in exp.items()]
+    for rel in AGGREGATED:
+        assert (ref / "out/tiny" / rel).read_bytes() == (work / "out/tiny" / rel).read_bytes(), rel
+
+
+def test_ray_executor_without_ray_is_one_line(tmp_path, monkeypatch, capsys):
+    import builtins
+
+    from spon_toolkit import cli
+
+    real_import = builtins.__import__
+
+    def no_ray(name, *args, **kwargs):
+        if name == "ray" or name.startswith("ray."):
+            raise ImportError("No module named 'ray'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_ray)
+    monkeypatch.chdir(tmp_path)
+    write_spec(tmp_path)
+    assert cli.main(["run", "exp_tiny.yaml", "--executor", "ray", "--output-dir", "out"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: --executor ray needs Ray: pip install 'spon-toolkit[ray]' (the extra 'ray')"
+    assert not (tmp_path / "out").exists()
