@@ -10,12 +10,11 @@ import sys
 import time
 
 import pytest
+from test_runner import AGGREGATED, write_spec
 
 from spon_toolkit.experiment import load_experiment
 from spon_toolkit.plugins import Toolkit
 from spon_toolkit.runner import run_experiment
-
-from test_runner import AGGREGATED, write_spec
 
 WORKER = """
 import os, sys, time
