@@ -199,6 +199,7 @@ class ExperimentManager:
         self.experiment_dir = self.output_dir / experiment
         self.run: RunState | None = None
         self._lock = None
+        self._shared = None
 
     # layout
     @property
@@ -284,7 +285,67 @@ class ExperimentManager:
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
+    def join(self) -> None:
+        """Join the experiment directory as one of several cooperating writers (a shared OS lock on
+        ``.lock``; see :mod:`spon_toolkit.records`). An exclusive holder (:meth:`acquire`) is refused
+        with one line; the first writer to arrive removes leftover temporary files."""
+        if self._lock is not None or self._shared is not None:
+            return
+        try:
+            import fcntl  # noqa: F401
+        except ImportError:  # pragma: no cover - no flock: one writer at a time
+            self.acquire()
+            return
+        from .records import SharedDirLock
+
+        check_output_dir(self.output_dir)
+        self.experiment_dir.mkdir(parents=True, exist_ok=True)
+        shared = SharedDirLock(self.experiment_dir / ".lock")
+        try:
+            alone = shared.acquire()
+        except BlockingIOError:
+            owner = self.experiment_dir / ".lock.owner"
+            try:
+                who = json.loads(owner.read_text())
+                holder = (f"pid {who.get('pid')} on {who.get('host')} (user {who.get('user')}, since "
+                          f"{who.get('since')}, {who.get('command')})")
+            except (OSError, ValueError, AttributeError):
+                holder = "another process"
+            raise ConfigError(f"{self.experiment_dir}: in use by {holder}; wait for it to finish or pass "
+                              f"another --output-dir") from None
+        self._shared = shared
+        if alone:
+            for tmp in self.experiment_dir.rglob(".*.tmp"):
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+    def claim(self, item_id: str, *, wait: bool = False):
+        """Claim ``item_id`` for this process: an acquired :class:`~spon_toolkit.records.ItemClaim`, or
+        ``None`` when another process holds it (``wait=True``: block until it is released)."""
+        from .records import ItemClaim
+
+        claim = ItemClaim(self.run_dir, item_id)
+        if claim.try_acquire():
+            return claim
+        if not wait:
+            return None
+        claim.acquire()
+        return claim
+
+    def refresh(self) -> None:
+        """Re-read the item records that other processes wrote."""
+        from .records import read_item_files
+
+        state = self.run
+        if state is not None:
+            state.results, logs, failures = read_item_files(state.run_dir)
+            state.logs.update(logs)
+            state.failures = {**{k: v for k, v in state.failures.items() if k not in state.results}, **failures}
+
     def release(self) -> None:
+        if self._shared is not None:
+            self._shared.release()
+            self._shared = None
         if self._lock is not None:
             self._lock.release()
             if not self._lock.is_locked:
@@ -293,18 +354,50 @@ class ExperimentManager:
             self._lock = None
 
     def start_run(self, spec_hash: str, config: Mapping[str, Any], item_ids: Sequence[str], *,
-                  resume: bool = True, metadata: Mapping[str, Any] | None = None) -> RunState:
-        """Continue the latest run with the same ``spec_hash`` (``resume=True``) or create a new one."""
-        self.acquire()
+                  resume: bool = True, metadata: Mapping[str, Any] | None = None,
+                  run_name: str | None = None, run_tag: str | None = None) -> RunState:
+        """Continue the latest run with the same ``spec_hash`` (``resume=True``) or create a new one;
+        ``run_name`` joins that run (cooperating workers of one sweep). Several processes may do this at
+        once: the choice of the run is serialised by a short-lived lock. ``run_tag``: processes of one
+        session (pytest-xdist workers) share the run carrying that tag, also when it is a fresh run."""
+        from filelock import FileLock
+
+        self.join()
+        with FileLock(str(self.experiment_dir / ".start.lock"), is_singleton=False, preserve_lock_file=True):
+            return self._start_run(spec_hash, config, item_ids, resume, metadata, run_name, run_tag)
+
+    def _tagged_run(self, spec_hash: str, tag: str) -> Path | None:
+        for run_dir in sorted(self.runs_dir.glob("run_*"), reverse=True) if self.runs_dir.is_dir() else []:
+            with contextlib.suppress(ConfigError):
+                cfg = read_json(run_dir / "config.json", "run config") if (run_dir / "config.json").is_file() else {}
+                if cfg.get("spec_hash") == spec_hash and cfg.get("run_tag") == tag:
+                    return run_dir
+        return None
+
+    def _start_run(self, spec_hash, config, item_ids, resume, metadata, run_name, run_tag=None) -> RunState:
+        from .records import read_item_files, write_item
+
         self._check_same_spec_file((metadata or {}).get("spec_file"))
-        existing = self._latest_run(spec_hash) if resume else None
+        if run_name is not None:
+            existing = self.runs_dir / check_name(run_name, "run name", self.runs_dir)
+            if read_json(existing / "config.json", "run config").get("spec_hash") != spec_hash:
+                raise ConfigError(f"{existing}: run '{run_name}' belongs to another version of the spec")
+        else:
+            existing = self._tagged_run(spec_hash, run_tag) if run_tag is not None else None
+            if existing is None and resume:
+                existing = self._latest_run(spec_hash)
         if existing is not None:
             state = RunState(existing, read_json(existing / "config.json", "run config"), resumed=True)
-            if (existing / "results.json").is_file():
+            legacy: dict[str, Any] = {}
+            if (existing / "results.json").is_file():  # an edited aggregate is refused, not resumed
                 path = existing / "results.json"
-                state.results = {k: check_record(k, v, path) for k, v in read_json(path, "run results").items()}
-            if (existing / "logs.json").is_file():
-                state.logs = read_json(existing / "logs.json", "run logs")
+                legacy = {k: check_record(k, v, path) for k, v in read_json(path, "run results").items()}
+            state.results, state.logs, state.failures = read_item_files(existing)
+            if legacy and not (existing / "items").is_dir():  # a run written before per-item records
+                old_logs = read_json(existing / "logs.json", "run logs") if (existing / "logs.json").is_file() else {}
+                for k, v in legacy.items():
+                    write_item(existing, k, v, old_logs.get(k))
+                state.results, state.logs, state.failures = read_item_files(existing)
         else:
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
             run_dir = self.runs_dir / f"run_{stamp}"
@@ -314,8 +407,10 @@ class ExperimentManager:
                 run_dir = self.runs_dir / f"run_{stamp}-{n}"
             (run_dir / "checkpoints").mkdir(parents=True)
             (run_dir / "figures").mkdir()
+            (run_dir / "items").mkdir()
             state = RunState(run_dir, {"experiment": self.experiment, "spec_hash": spec_hash,
-                                       "item_ids": list(item_ids), **config})
+                                       "item_ids": list(item_ids), **config,
+                                       **({} if run_tag is None else {"run_tag": run_tag})})
             atomic_write_json(run_dir / "config.json", state.config)
         self.run = state
         self._write_metadata(metadata or {})
@@ -343,27 +438,43 @@ class ExperimentManager:
         atomic_write_json(path, meta)
 
     def is_finished(self, item_id: str) -> bool:
-        return self.run is not None and item_id in self.run.results
+        """Finished here or by another writer of the run (its record file exists)."""
+        from .records import read_item
+
+        if self.run is None:
+            return False
+        if item_id not in self.run.results:
+            record = read_item(self.run.run_dir, item_id)
+            if record is None:
+                return False
+            self.run.results[item_id] = record
+        return True
 
     def finished(self) -> dict[str, dict[str, Any]]:
         return dict(self.run.results) if self.run else {}
 
     def record(self, item_id: str, record: Mapping[str, Any], logs: Any = None) -> None:
-        """Store a finished item (logs first, the record last: the record marks it finished)."""
+        """Store a finished item: its own record file (atomic; it marks the item finished), then the run's
+        aggregated files rebuilt from every item record on disk."""
+        from .records import write_item
+
         state = self.run
         if state is None:
             raise RuntimeError("no run started; call start_run() first")
         state.failures.pop(item_id, None)
+        write_item(state.run_dir, item_id, dict(record), logs)
         if logs is not None:
             state.logs[item_id] = logs
-            atomic_write_json(state.run_dir / "logs.json", state.logs)
         state.results[item_id] = dict(record)
         self._write_run_files()
 
     def record_failure(self, item_id: str, stage: str, error: str) -> None:
+        from .records import write_failure
+
         if self.run is None:
             raise RuntimeError("no run started; call start_run() first")
         self.run.failures[item_id] = {"stage": stage, "error": error}
+        write_failure(self.run.run_dir, item_id, stage, error)
         self._write_run_files()
 
     def _ordered(self) -> list[dict[str, Any]]:
@@ -373,10 +484,20 @@ class ExperimentManager:
         return [state.results[i] for i in sorted(state.results, key=lambda i: (order.get(i, len(order)), i))]
 
     def _write_run_files(self) -> None:
+        from .records import aggregate_lock
+
+        assert self.run is not None
+        with aggregate_lock(self.run.run_dir):
+            self.refresh()
+            self._write_run_files_locked()
+
+    def _write_run_files_locked(self) -> None:
         state = self.run
         assert state is not None
         records = self._ordered()
         atomic_write_json(state.run_dir / "results.json", {r["id"]: r for r in records})
+        atomic_write_json(state.run_dir / "logs.json", {r["id"]: state.logs[r["id"]] for r in records
+                                                        if r["id"] in state.logs})
         time_cols = sorted({f"time_{k}_s" for r in records for k in r.get("timings", {})})
         metric_cols = [*RECORD_COLUMNS, *time_cols]
         rows = [{**r, **{f"time_{k}_s": v for k, v in r.get("timings", {}).items()}} for r in records]
@@ -393,7 +514,15 @@ class ExperimentManager:
 
     # aggregation
     def aggregate(self) -> dict[str, Any]:
-        """Rebuild ``aggregated/`` and ``analysis/`` from the run's ``results.json`` (deterministic)."""
+        """Rebuild ``aggregated/`` and ``analysis/`` from the run's item records (deterministic)."""
+        from .records import aggregate_lock
+
+        assert self.run is not None
+        with aggregate_lock(self.run.run_dir):
+            self.refresh()
+            return self._aggregate_locked()
+
+    def _aggregate_locked(self) -> dict[str, Any]:
         records = self._ordered()
         stat_rows = aggregate_statistics(records)
         comparisons = compare_to_baseline(records)

@@ -42,6 +42,14 @@ class StageError(SponError):
         super().__init__(f"{item_id}: stage '{stage}' failed: {text}")
 
 
+class ItemClaimed(SponError):
+    """Another process of the same run directory is computing the item (see ``run_item(wait=False)``)."""
+
+    def __init__(self, item_id: str):
+        self.item_id = item_id
+        super().__init__(f"{item_id}: being computed by another process of this run directory")
+
+
 class ExpectationFailed(StageError):
     """An expectation of the spec did not hold (the item's numbers are still recorded)."""
 
@@ -103,12 +111,17 @@ class ExperimentRunner:
     """
 
     def __init__(self, experiment: Experiment, *, toolkit, output_dir: str | Path = "results",
-                 resume: bool = True, progress: bool | None = None):
+                 resume: bool = True, progress: bool | None = None, run_name: str | None = None,
+                 run_tag: str | None = None):
         self.experiment = experiment
         self.toolkit = toolkit
         self.progress = progress
         self.manager = ExperimentManager(output_dir, experiment.name)
         self.resume = resume
+        self.run_name = run_name  # join this run directory (cooperating workers of one sweep)
+        self.run_tag = run_tag  # workers of one session share the run carrying this tag
+        self.compute_missing = True  # expectations run the items they compare with (False: a Ray driver)
+        self.share_teacher = True  # False: each item computes its own teacher targets (as before)
         self.started = False
         self._model = self._tokenizer = self._data = None
         self._sitemap = None
@@ -118,6 +131,7 @@ class ExperimentRunner:
         self._importance: dict[tuple[float, str], Any] = {}
         self._overrides = None
         self._records: dict[str, dict[str, Any]] = {}
+        self.teacher = None  # SharedTeacher: the dense teacher's targets, computed once for all items
         self._downstream: dict[Any, Any] = {}  # lm-eval outputs shared by items (see lmeval.downstream_for_item)
         self.timings: dict[str, float] = {}
 
@@ -135,6 +149,7 @@ class ExperimentRunner:
             exp.spec_hash, {"spec_file": str(exp.path), "spec": exp.spec.model_dump(mode="json")},
             [it.id for it in exp.items()], resume=self.resume,
             metadata={"spec_file": str(exp.path), "spec_hash": exp.spec_hash, "description": exp.spec.description},
+            run_name=self.run_name, run_tag=self.run_tag,
         )
         self._records = self.manager.finished()
         self.started = True
@@ -142,6 +157,8 @@ class ExperimentRunner:
     def is_finished(self, item: Item) -> bool:
         self.start()
         rec = self._records.get(item.id)
+        if rec is None and self.manager.is_finished(item.id):  # finished by another writer of the run
+            rec = self._records[item.id] = self.manager.finished()[item.id]
         return rec is not None and rec.get("item_hash") == item.item_hash
 
     @contextlib.contextmanager
@@ -269,9 +286,12 @@ class ExperimentRunner:
         return self._importance[key]
 
     # --- one item ----------------------------------------------------------------------------------
-    def run_item(self, item: Item, *, check: bool = True) -> ItemOutcome:
+    def run_item(self, item: Item, *, check: bool = True, wait: bool = True) -> ItemOutcome:
         """Run ``item`` (or reuse its finished record) and check its expectations.
 
+        The item is claimed first (an OS lock per item), so several processes on one run directory never
+        compute it twice; when another process holds it, ``wait=True`` waits for it (then reuses its
+        record, or computes the item if that process died) and ``wait=False`` raises :class:`ItemClaimed`.
         Raises :class:`StageError` when a stage fails and :class:`ExpectationFailed` when an expectation
         does not hold (after recording the item).
         """
@@ -280,14 +300,23 @@ class ExperimentRunner:
         if self.is_finished(item):
             outcome = ItemOutcome(item, self._records[item.id], reused=True)
         else:
+            claim = self.manager.claim(item.id, wait=wait)
+            if claim is None:
+                raise ItemClaimed(item.id)
             try:
-                record, logs = self._compute(item)
-            except StageError as exc:
-                self.manager.record_failure(item.id, exc.stage, str(exc))
-                raise
-            self.manager.record(item.id, record, logs=logs)
-            self._records[item.id] = record
-            outcome = ItemOutcome(item, record)
+                if self.is_finished(item):  # finished by the process that held the claim
+                    outcome = ItemOutcome(item, self._records[item.id], reused=True)
+                else:
+                    try:
+                        record, logs = self._compute(item)
+                    except StageError as exc:
+                        self.manager.record_failure(item.id, exc.stage, str(exc))
+                        raise
+                    self.manager.record(item.id, record, logs=logs)
+                    self._records[item.id] = record
+                    outcome = ItemOutcome(item, record)
+            finally:
+                claim.release()
         outcome.seconds = time.perf_counter() - t0
         if check and item.expectations:
             outcome.checks = self.check_expectations(item)
@@ -340,6 +369,13 @@ class ExperimentRunner:
                     options = {"progress": bool(self.progress) if self.progress is not None else True,
                                **spec.trainer.options, "seed": item.seed}
                     trainer = build_trainer(self.toolkit, spec.trainer.name, options)
+                    if hasattr(trainer, "shared_teacher") and self.share_teacher:
+                        if self.teacher is None:
+                            from .teacher import SharedTeacher
+
+                            self.teacher = SharedTeacher(getattr(getattr(trainer, "options", None),
+                                                                 "teacher_cache_mb", 4096))
+                        trainer.shared_teacher = self.teacher
                     torch.manual_seed(item.seed)
                     if not train_info:
                         result = run_trainer(trainer, sm, self._batches(self._data.train),
@@ -481,6 +517,8 @@ class ExperimentRunner:
         """The metrics of one item, running it first if needed (expectations compare items)."""
         other = self.experiment.item(config, sparsity, seed)
         record = self._records.get(other.id) if self.is_finished(other) else None
+        if record is None and not self.compute_missing:
+            raise StageError(other.id, "expectations", "the item has no record (it failed or was not selected)")
         if record is None:
             record = self.run_item(other, check=False).record
         return {"ppl": record["ppl"], "dense_ppl": record["dense_ppl"], "sparse_ppl": record["sparse_ppl"],
@@ -558,9 +596,13 @@ def run_experiment(experiment: Experiment, *, toolkit, output_dir: str | Path = 
     items = select_items(experiment, keyword)
     runner.prepare()  # a model or data problem is one error before any item, not one per item
     runner.start()
-    for item in items:
+    # items that another process of this run directory is computing are put last and then waited for
+    # (a process that died releases its claim, and the item is computed here)
+    queue, claimed = list(items), set()
+    while queue:
+        item = queue.pop(0)
         try:
-            outcome = runner.run_item(item)
+            outcome = runner.run_item(item, wait=item.id in claimed)
             sweep.outcomes.append(outcome)
             err = None
         except ExpectationFailed as exc:
@@ -568,6 +610,10 @@ def run_experiment(experiment: Experiment, *, toolkit, output_dir: str | Path = 
             sweep.outcomes.append(outcome)
             sweep.errors.append(exc)
             err = exc
+        except ItemClaimed:
+            claimed.add(item.id)
+            queue.append(item)
+            continue
         except StageError as exc:
             outcome, err = None, exc
             sweep.errors.append(exc)
@@ -580,5 +626,5 @@ def run_experiment(experiment: Experiment, *, toolkit, output_dir: str | Path = 
     return sweep
 
 
-__all__ = ["ExperimentRunner", "StageError", "ExpectationFailed", "ItemOutcome", "run_experiment", "select_items",
+__all__ = ["ExperimentRunner", "StageError", "ExpectationFailed", "ItemClaimed", "ItemOutcome", "run_experiment", "select_items",
            "STAGES"]

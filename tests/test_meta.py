@@ -125,9 +125,10 @@ def test_builtin_plugin_list_matches_the_package():
 LAYERS = {
     "engine": ["errors", "fileio", "atomic", "sites", "activations", "sparsifiers", "sparse", "losses", "decode",
                "protocols", "registry", "hookspecs", "tiny"],
-    "domain": ["aggregate", "contracts", "seed_checkpoint", "models", "data", "evaluate", "checkpoint", "export", "train", "importance",
+    "domain": ["aggregate", "contracts", "seed_checkpoint", "teacher", "models", "data", "evaluate", "checkpoint", "export", "train", "importance",
                "allocation", "analysis", "sae", "lmeval", "lmeval_data", "prompts"],
-    "pipeline": ["experiment", "eval_only", "results", "runner", "report", "compat"],
+    "pipeline": ["experiment", "eval_only", "records", "results", "runner", "report", "compat", "scaleout",
+                 "ray_executor"],
     "entry": ["plugins", "builtin", "cli", "testing", "__init__", "__main__", "lmeval_tasks"],
 }
 #: the one-line convenience API may reach the process-wide default toolkit (docs/plugins.md)

@@ -66,6 +66,16 @@ def configure_run(parser):
     parser.add_argument("--no-report", action="store_true", help="skip the notebook report")
     parser.add_argument("--fresh", action="store_true",
                         help="start a new run instead of resuming the latest run of the same spec")
+    parser.add_argument("--executor", choices=("local", "ray"), default="local",
+                        help="local: items one after another in this process (default); ray: items on a Ray "
+                             "cluster, one actor per device (needs the extra 'ray')")
+    parser.add_argument("--address", default=None, metavar="ADDR",
+                        help="with --executor ray: the cluster to join ('auto', 'ray://host:10001'); default: "
+                             "start a local one")
+    parser.add_argument("--gpus-per-item", type=float, default=1.0, metavar="N",
+                        help="with --executor ray: GPUs per actor when the cluster has GPUs (default 1)")
+    parser.add_argument("--workers", type=int, default=None, metavar="N",
+                        help="with --executor ray: number of actors (default: one per GPU, or per CPU without GPUs)")
 
 
 def run(args, toolkit) -> int:
@@ -76,6 +86,15 @@ def run(args, toolkit) -> int:
     from spon_toolkit.results import check_output_dir
     from spon_toolkit.runner import run_experiment, select_items
 
+    executor = getattr(args, "executor", "local")
+    if executor == "ray":
+        from spon_toolkit.ray_executor import import_ray
+
+        import_ray()  # a missing extra is one line before any work
+        if args.workers is not None and args.workers < 1:
+            raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+        if args.gpus_per_item < 0:
+            raise ConfigError(f"--gpus-per-item must be >= 0, got {args.gpus_per_item}")
     experiments = [load_experiment(p, toolkit) for p in collect_paths(args.paths)]  # validate all first
     names: dict[str, Path] = {}
     for e in experiments:
@@ -108,13 +127,20 @@ def run(args, toolkit) -> int:
         rows.append(row)
         bar.update(1)
         bar.write(f"{row['status']:<8} {item.id}  SPON PPL {_fmt(row.get('ppl'))}  (TEAL {_fmt(row.get('sparse_ppl'))}, "
-                  f"dense {_fmt(row.get('dense_ppl'))})  {row.get('time', '')}", file=sys.stderr)
+                  f"dense {_fmt(row.get('dense_ppl'))})  {row.get('time', '')}  [{bar.n}/{total}]", file=sys.stderr)
 
     try:
         for exp in experiments:
             bar.set_description(exp.name)
-            sweep = run_experiment(exp, toolkit=toolkit, output_dir=args.output_dir, keyword=args.keyword,
-                                   resume=not args.fresh, on_item=on_item)
+            if executor == "ray":
+                from spon_toolkit.ray_executor import run_experiment_ray
+
+                sweep = run_experiment_ray(exp, toolkit=toolkit, output_dir=args.output_dir, keyword=args.keyword,
+                                           resume=not args.fresh, address=args.address,
+                                           gpus_per_item=args.gpus_per_item, workers=args.workers, on_item=on_item)
+            else:
+                sweep = run_experiment(exp, toolkit=toolkit, output_dir=args.output_dir, keyword=args.keyword,
+                                       resume=not args.fresh, on_item=on_item)
             exp_dir = sweep.runner.manager.experiment_dir
             reports.append(f"results: {exp_dir}")
             if exp.spec.report and not args.no_report and sweep.outcomes:

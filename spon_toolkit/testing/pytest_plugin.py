@@ -61,6 +61,38 @@ def session_toolkit(config):
 
         config.stash[_TOOLKIT] = Toolkit()
     return config.stash[_TOOLKIT]
+_FINISHED_DIRS = pytest.StashKey[list]()
+
+
+# --- pytest-xdist: `pytest experiments/ -n 4` spreads the items over workers ---------------------------
+# Workers of one session join one run directory (resume: the latest run of the spec; --spon-fresh: the run
+# tagged with the session's id) and claim items one by one (spon_toolkit.records), so an expectation that
+# needs another worker's item waits for its record. Worker i takes CUDA device i (SPON_DEVICES overrides).
+
+class _XdistController:
+    def __init__(self):
+        import uuid
+
+        self.tag = uuid.uuid4().hex
+        self.experiment_dirs: list[str] = []
+
+    def pytest_configure_node(self, node):
+        node.workerinput["spon_run_tag"] = self.tag
+
+    def pytest_testnodedown(self, node, error):
+        for d in getattr(node, "workeroutput", {}).get("spon_experiment_dirs", []):
+            if d not in self.experiment_dirs:
+                self.experiment_dirs.append(d)
+
+
+def pytest_configure(config):
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:
+        from spon_toolkit.scaleout import use_worker_device
+
+        use_worker_device(int(workerinput["workerid"].lstrip("gw") or 0))
+    elif config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None):
+        config.pluginmanager.register(_XdistController(), "spon-xdist-controller")
 
 
 def pytest_collect_file(file_path, parent):
@@ -99,8 +131,10 @@ class ExperimentItem(pytest.Item):
         key = str(self.path)
         if key not in runners:
             opt = self.config.getoption
+            workerinput = getattr(self.config, "workerinput", None)
             runners[key] = ExperimentRunner(self.spec_item.experiment, toolkit=session_toolkit(self.config),
-                                            output_dir=opt("spon_output_dir"), resume=not opt("spon_fresh"))
+                                            output_dir=opt("spon_output_dir"), resume=not opt("spon_fresh"),
+                                            run_tag=None if workerinput is None else workerinput["spon_run_tag"])
         return runners[key]
 
     def runtest(self):
@@ -123,12 +157,23 @@ class ExperimentItem(pytest.Item):
 
 
 def pytest_sessionfinish(session, exitstatus):
-    runners = session.config.stash.get(_RUNNERS, {})
+    config = session.config
+    runners = config.stash.get(_RUNNERS, {})
+    worker = hasattr(config, "workeroutput")
+    reports = []
     for runner in runners.values():
         if runner.started:
-            runner.finish()
-            if session.config.getoption("spon_report") and runner.experiment.spec.report:
-                from spon_toolkit.report import write_report
+            runner.finish()  # under xdist every worker rebuilds; the last to finish sees every item
+            if config.getoption("spon_report") and runner.experiment.spec.report:
+                reports.append(str(runner.manager.experiment_dir))
+    if worker:  # the controller builds the reports once, after every worker is done
+        config.workeroutput["spon_experiment_dirs"] = reports
+        return
+    controller = config.pluginmanager.get_plugin("spon-xdist-controller")
+    if controller is not None:
+        reports += [d for d in controller.experiment_dirs if d not in reports]
+    if reports:
+        from spon_toolkit.report import write_report
 
-                write_report(runner.manager.experiment_dir, session.config.getoption("spon_reports_dir"),
-                             runner.toolkit)
+        for d in reports:
+            write_report(d, config.getoption("spon_reports_dir"), session_toolkit(config))

@@ -25,9 +25,15 @@ class DistillationTrainer:
 
     objective = "base"
     options_class: type[TrainOptions] = TrainOptions
+    #: a :class:`spon_toolkit.teacher.SharedTeacher` set by the runner: targets shared across items
+    shared_teacher = None
 
     def __init__(self, **options: Any):
         self.options = self.options_class.from_options(options)
+
+    def teacher_key(self, sm: SparseModel) -> tuple | None:
+        """What the teacher targets depend on besides the batch, or ``None``: not shareable across items."""
+        return None
 
     # -- objective interface ----------------------------------------------------------------------------
     def prepare(self, sm: SparseModel) -> None:
@@ -161,6 +167,12 @@ class DistillationTrainer:
         if opts.gradient_accumulation_steps > 1 and opts.warmup_steps is None:
             warmup = int(opts.warmup_ratio * steps)  # in optimiser steps
         cache: dict[int, Any] = {}
+        shared_keys = None
+        base_key = self.teacher_key(sm) if self.shared_teacher is not None else None
+        if base_key is not None:
+            from ..teacher import batch_fingerprint
+
+            shared_keys = [(*base_key, self.options.autocast, device.type, batch_fingerprint(ids)) for ids in data]
         cache_bytes = 0
         cache_full = False
         metrics: list[dict[str, float]] = []
@@ -190,15 +202,22 @@ class DistillationTrainer:
                 for idx in indices:
                     ids = data[idx]
                     targets = cache.get(idx)
+                    if targets is None and shared_keys is not None:
+                        targets = self.shared_teacher.get(shared_keys[idx])
+                        if targets is not None:
+                            cache[idx] = targets
                     if targets is None:
                         with torch.no_grad(), sm.dense(), self._autocast(device):
                             targets = self.teacher_targets(sm, ids)
-                        size = self._nbytes(targets)
-                        if not cache_full and cache_bytes + size <= opts.teacher_cache_mb * 2**20:
-                            cache[idx] = targets
-                            cache_bytes += size
+                        if shared_keys is not None and self.shared_teacher.put(shared_keys[idx], targets):
+                            cache[idx] = targets  # counted in the shared budget, not this item's
                         else:
-                            cache_full = True
+                            size = self._nbytes(targets)
+                            if not cache_full and cache_bytes + size <= opts.teacher_cache_mb * 2**20:
+                                cache[idx] = targets
+                                cache_bytes += size
+                            else:
+                                cache_full = True
 
                     with self._autocast(device):
                         loss = self.student_loss(sm, ids, targets)
@@ -280,6 +299,9 @@ class LogitDistillationTrainer(DistillationTrainer):
     def prepare(self, sm: SparseModel) -> None:
         self._split = split_head(sm.model)
 
+    def teacher_key(self, sm: SparseModel) -> tuple | None:
+        return ("final_hidden", id(sm.model))  # the dense model's final hidden states
+
     def teacher_targets(self, sm: SparseModel, ids: torch.Tensor) -> torch.Tensor:
         assert self._split is not None
         return self._split.body(ids).detach()
@@ -359,6 +381,9 @@ class HiddenMSETrainer(DistillationTrainer):
 
     def teacher_targets(self, sm: SparseModel, ids: torch.Tensor) -> dict[str, torch.Tensor]:
         return {s: t.detach() for s, t in self._run(sm, ids).items()}
+
+    def teacher_key(self, sm: SparseModel) -> tuple | None:
+        return ("site_outputs", id(sm.model), tuple(sm.sparse_sites))  # dense outputs of these sites
 
     def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         return hidden_mse(targets, self._run(sm, ids))
