@@ -127,9 +127,8 @@ LAYERS = {
                "protocols", "registry", "hookspecs", "tiny"],
     "domain": ["aggregate", "contracts", "seed_checkpoint", "teacher", "models", "data", "evaluate", "checkpoint", "export", "train", "importance",
                "allocation", "analysis", "sae", "lmeval", "lmeval_data", "prompts"],
-    "pipeline": ["experiment", "eval_only", "records", "results", "runner", "report", "compat", "scaleout",
-                 "ray_executor"],
-    "entry": ["plugins", "builtin", "cli", "testing", "__init__", "__main__", "lmeval_tasks"],
+    "pipeline": ["experiment", "eval_only", "records", "results", "runner", "report", "compat"],
+    "entry": ["plugins", "builtin", "cli", "scaleout", "ray_executor", "testing", "__init__", "__main__", "lmeval_tasks"],
 }
 #: the one-line convenience API may reach the process-wide default toolkit (docs/plugins.md)
 CONVENIENCE = {("spon_toolkit/models.py", "plugins"), ("spon_toolkit/train/seed_api.py", "plugins")}
