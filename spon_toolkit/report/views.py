@@ -54,7 +54,8 @@ def _config_order(results: Results) -> list[str]:
 def _xticks(ax, labels: list[str]) -> None:
     """Config names under bars/boxes: horizontal when few, else slanted and right-aligned."""
     ax.set_xticks(range(len(labels)), labels)
-    if len(labels) <= 5:
+    width = sum(max(len(line) for line in str(label).splitlines() or [""]) for label in labels)
+    if len(labels) <= 5 and width <= 40:  # about 40 characters fit under a 5.5-inch panel
         ax.tick_params(axis="x", rotation=0, labelsize=9)
     else:
         ax.tick_params(axis="x", rotation=35, labelsize=9)
