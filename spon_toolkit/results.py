@@ -238,6 +238,17 @@ class ExperimentManager:
         return None
 
     # one writer per experiment directory
+    def _in_use(self, owner: Path) -> ConfigError:
+        """The one-line refusal naming the process that holds this experiment directory."""
+        try:
+            who = json.loads(owner.read_text())
+            holder = (f"pid {who.get('pid')} on {who.get('host')} (user {who.get('user')}, since "
+                      f"{who.get('since')}, {who.get('command')})")
+        except (OSError, ValueError, AttributeError):
+            holder = "another process"
+        return ConfigError(f"{self.experiment_dir}: in use by {holder}; wait for it to finish or pass "
+                           f"another --output-dir")
+
     def acquire(self) -> None:
         """Take the experiment directory's lock (``.lock``; released when the process ends, even by kill -9).
 
@@ -265,14 +276,7 @@ class ExperimentManager:
         try:
             lock.acquire(timeout=0)
         except Timeout:
-            try:
-                who = json.loads(owner.read_text())
-                holder = (f"pid {who.get('pid')} on {who.get('host')} (user {who.get('user')}, since "
-                          f"{who.get('since')}, {who.get('command')})")
-            except (OSError, ValueError, AttributeError):
-                holder = "another process"
-            raise ConfigError(f"{self.experiment_dir}: in use by {holder}; wait for it to finish or pass "
-                              f"another --output-dir") from None
+            raise self._in_use(owner) from None
         self._lock = lock
         try:
             user = getpass.getuser()
@@ -305,14 +309,7 @@ class ExperimentManager:
             alone = shared.acquire()
         except BlockingIOError:
             owner = self.experiment_dir / ".lock.owner"
-            try:
-                who = json.loads(owner.read_text())
-                holder = (f"pid {who.get('pid')} on {who.get('host')} (user {who.get('user')}, since "
-                          f"{who.get('since')}, {who.get('command')})")
-            except (OSError, ValueError, AttributeError):
-                holder = "another process"
-            raise ConfigError(f"{self.experiment_dir}: in use by {holder}; wait for it to finish or pass "
-                              f"another --output-dir") from None
+            raise self._in_use(owner) from None
         self._shared = shared
         if alone:
             for tmp in self.experiment_dir.rglob(".*.tmp"):

@@ -316,8 +316,12 @@ class LogitDistillationTrainer(DistillationTrainer):
                 return head(flat_t[sl])
 
         hidden = self._split.body(ids)
-        return chunked_divergence(teacher, hidden, divergence=self.divergence, head=head,
+        return chunked_divergence(teacher, hidden, divergence=self.row_divergence(), head=head,
                                   chunk_size=self.options.chunk_size, temperature=self.options.temperature)
+
+    def row_divergence(self):
+        """What :func:`spon_toolkit.losses.chunked_divergence` computes per token: a name or a function."""
+        return self.divergence
 
 
 class KLTrainer(LogitDistillationTrainer):
@@ -408,18 +412,8 @@ class KLLogitL2Trainer(LogitDistillationTrainer):
     divergence = "kl+logit_l2"
     options_class = KLLogitL2Options
 
-    def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        assert self._split is not None
-        head = self._split.head
-        flat_t = targets.reshape(-1, targets.shape[-1])
-
-        def teacher(sl: slice) -> torch.Tensor:
-            with torch.no_grad():
-                return head(flat_t[sl])
-
-        rows = kl_logit_l2_rows(self.options.logit_l2_weight)
-        return chunked_divergence(teacher, self._split.body(ids), divergence=rows, head=head,
-                                  chunk_size=self.options.chunk_size, temperature=self.options.temperature)
+    def row_divergence(self):
+        return kl_logit_l2_rows(self.options.logit_l2_weight)
 
 
 class SoftCETrainer(LogitDistillationTrainer):
