@@ -5,28 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_train import _offset_model  # tiny Llama with non-zero-mean down_proj inputs
 
 from spon_toolkit import MagnitudeSparsifier, SparseModel, SponBiases
 from spon_toolkit.errors import ConfigError
 from spon_toolkit.losses import chunked_cross_entropy, chunked_divergence, kl_logit_l2_rows
 from spon_toolkit.train import CETrainer, KLLogitL2Trainer, KLTrainer, SoftCETrainer, TrainingArgs
-
-
-def _offset_model(seed=0):
-    """Tiny Llama whose down_proj inputs have a non-zero mean (so a constant bias has something to win)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         mlp_bias=True, initializer_range=0.1)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = LlamaForCausalLM(config).eval()
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.mlp.gate_proj.bias.fill_(2.0)
-            layer.mlp.up_proj.bias.fill_(1.0)
-    return model
 
 
 def _batches(n=3, b=2, t=16, seed=1):

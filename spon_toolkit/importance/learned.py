@@ -74,6 +74,15 @@ def _layer_protocol(batches: list[torch.Tensor], sitemap: SiteMap) -> dict[str, 
             "loss": "next-token cross-entropy (dense model)"}
 
 
+def _calibration_rows(model: nn.Module, batches: Iterable, blocks: int | None, sitemap: SiteMap | None,
+                      method: str) -> tuple[torch.Tensor, SiteMap, torch.device]:
+    """The first ``blocks`` calibration blocks as one ``[rows, T]`` tensor, the model's sites and device."""
+    data = _first_blocks(batches, blocks)
+    if not data:
+        raise ConfigError(f"{method} needs at least one calibration block")
+    return torch.cat(data), sitemap or SiteMap(model), model_device(model)
+
+
 def gradient_norm(model: nn.Module, batches: Iterable, sparsifier=None, sites=None, *, blocks: int | None = None,
                   batch_size: int = 4, progress: bool | None = None, sitemap: SiteMap | None = None) -> ImportanceResult:
     """``||dL/dh_i||`` per decoder layer ``i`` (h_i: the layer's output), averaged over batches of
@@ -81,12 +90,7 @@ def gradient_norm(model: nn.Module, batches: Iterable, sparsifier=None, sites=No
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive number of blocks, got {batch_size!r}")
     start = time.perf_counter()
-    data = _first_blocks(batches, blocks)
-    if not data:
-        raise ConfigError("gradient_norm needs at least one calibration block")
-    rows = torch.cat(data)
-    sitemap = sitemap or SiteMap(model)
-    device = model_device(model)
+    rows, sitemap, device = _calibration_rows(model, batches, blocks, sitemap, "gradient_norm")
     captured: list[torch.Tensor | None] = [None] * sitemap.n_layers
 
     def record(i: int):
@@ -171,12 +175,7 @@ def ila(model: nn.Module, batches: Iterable, sparsifier=None, sites=None, *, ste
     if learning_rate <= 0:
         raise ConfigError(f"ILA learning_rate must be > 0, got {learning_rate}")
     start = time.perf_counter()
-    data = _first_blocks(batches, blocks)
-    if not data:
-        raise ConfigError("ILA needs at least one calibration block")
-    rows = torch.cat(data)
-    sitemap = sitemap or SiteMap(model)
-    device = model_device(model)
+    rows, sitemap, device = _calibration_rows(model, batches, blocks, sitemap, "ILA")
     chunks = list(rows.split(batch_size))
     scales = LayerScales(sitemap, device)
     optimizer = torch.optim.Adam(scales.parameters(), lr=float(learning_rate))
