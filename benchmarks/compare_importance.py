@@ -82,7 +82,7 @@ def main() -> None:
         rows.append({"a": a, "b": b, "spearman": rho, "null_lo": lo, "null_hi": hi, "p": p})
         print(f"{a + ' vs ' + b:<32} {rho:>9.3f} {f'[{lo:.3f}, {hi:.3f}]':>18} {p:>8.4f}")
     if args.json:
-        from spon_toolkit.atomic import atomic_write_text
+        from spon_toolkit.fileio import atomic_write_text
 
         atomic_write_text(args.json, json.dumps({"protocol": vars(args), "seconds": seconds, "pairs": rows,
                                                  "scores": {k: v.tolist() for k, v in scores.items()}}, indent=1))

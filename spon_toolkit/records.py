@@ -160,7 +160,7 @@ def aggregate_lock(run_dir: Path):
 
 
 def write_item(run_dir: Path, item_id: str, record: dict[str, Any], logs: Any) -> None:
-    from .results import atomic_write_json
+    from .fileio import atomic_write_json
 
     (Path(run_dir) / ITEMS).mkdir(exist_ok=True)
     atomic_write_json(item_path(run_dir, item_id), {"id": item_id, "record": record, "logs": logs})
@@ -169,7 +169,7 @@ def write_item(run_dir: Path, item_id: str, record: dict[str, Any], logs: Any) -
 
 
 def write_failure(run_dir: Path, item_id: str, stage: str, error: str) -> None:
-    from .results import atomic_write_json
+    from .fileio import atomic_write_json
 
     (Path(run_dir) / ITEMS).mkdir(exist_ok=True)
     atomic_write_json(failure_path(run_dir, item_id), {"id": item_id, "stage": stage, "error": error})

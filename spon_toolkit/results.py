@@ -282,9 +282,9 @@ class ExperimentManager:
             user = getpass.getuser()
         except (KeyError, OSError):
             user = "?"
-        atomic_write_text(owner, json.dumps({
+        atomic_write_json(owner, {
             "pid": os.getpid(), "host": socket.gethostname(), "user": user,
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv[:3])}))
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "command": " ".join(sys.argv[:3])})
         for tmp in self.experiment_dir.rglob(".*.tmp"):
             with contextlib.suppress(OSError):
                 tmp.unlink()

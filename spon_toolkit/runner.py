@@ -463,7 +463,7 @@ class ExperimentRunner:
         records, and the answers of the ``scope="sweep"`` analyzers run once over the finished items."""
         from .analysis.runs import SweepEntry, SweepRun
         from .checkpoint import load_checkpoint
-        from .results import atomic_write_json
+        from .fileio import atomic_write_json
 
         records = self.manager._ordered()
         out: dict[str, Any] = {}

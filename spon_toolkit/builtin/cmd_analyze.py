@@ -71,8 +71,9 @@ def run(args, toolkit) -> int:
     from spon_toolkit.contracts import run_analyzer
     from spon_toolkit.data import check_block_size, load_blocks
     from spon_toolkit.errors import ConfigError
+    from spon_toolkit.fileio import atomic_write_json
     from spon_toolkit.models import context_length, load_model
-    from spon_toolkit.results import atomic_write_json, check_output_dir
+    from spon_toolkit.results import check_output_dir
     from spon_toolkit.runner import AnalysisRun, ExperimentData
     from spon_toolkit.sites import SiteMap
 
@@ -157,8 +158,8 @@ def write_analysis_report(out: Path, names: list[str]) -> dict[str, Path]:
 
     from spon_toolkit.builtin.analysis_sections import SECTIONS, _builder
     from spon_toolkit.errors import SponError
+    from spon_toolkit.fileio import atomic_write_text
     from spon_toolkit.report import code, execute_notebook, export_html, md
-    from spon_toolkit.results import atomic_write_text
 
     path = str(out.resolve())
     nb = nbformat.v4.new_notebook()

@@ -45,8 +45,9 @@ def run(args, toolkit) -> int:
     from spon_toolkit import sae as S
     from spon_toolkit.data import load_blocks
     from spon_toolkit.errors import ConfigError
+    from spon_toolkit.fileio import atomic_write_json
     from spon_toolkit.models import context_length, load_model
-    from spon_toolkit.results import atomic_write_json, check_output_dir
+    from spon_toolkit.results import check_output_dir
     from spon_toolkit.sites import SiteMap, parse_site
 
     # everything the user typed is checked before the model loads

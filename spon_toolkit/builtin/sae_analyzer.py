@@ -266,7 +266,7 @@ def _slug(run) -> str:
 
 
 def _write_json(run, result) -> str | None:
-    from spon_toolkit.results import atomic_write_json
+    from spon_toolkit.fileio import atomic_write_json
 
     if run.run_dir is None:
         return None

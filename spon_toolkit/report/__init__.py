@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import SponError
-from ..results import Results, atomic_write_text, check_output_dir, load_results
+from ..fileio import atomic_write_text
+from ..results import Results, check_output_dir, load_results
 
 KERNEL = "python3"
 #: sections at or after this order form the appendix
