@@ -127,6 +127,7 @@ class ExperimentRunner:
         self._sitemap = None
         self._dense: EvalResult | None = None
         self._sparsifiers: dict[float, Any] = {}
+        self._calibration: dict[tuple, Any] = {}  # collected calibration statistics, shared by sparsity levels
         self._teal: dict[tuple[float, tuple[str, ...]], EvalResult] = {}
         self._importance: dict[tuple[float, str], Any] = {}
         self._overrides = None
@@ -260,8 +261,18 @@ class ExperimentRunner:
         if sparsity not in self._sparsifiers:
             spec = self.experiment.spec
             sp = build_sparsifier(self.toolkit, spec.sparsifier.name, sparsity, spec.sparsifier.options)
-            sp.calibrate(self._model, self._sitemap.resolve(spec.sites), self._batches(self._data.calibration),
-                         sitemap=self._sitemap)
+            sites = self._sitemap.resolve(spec.sites)
+            batches = self._batches(self._data.calibration)
+            if all(callable(getattr(sp, m, None)) for m in ("calibration_key", "collect_calibration",
+                                                            "fit_calibration")):
+                # calibration statistics collected once, every sparsity level fitted from them
+                key = (sp.calibration_key(), tuple(sites))
+                if key not in self._calibration:
+                    self._calibration[key] = sp.collect_calibration(self._model, sites, batches,
+                                                                    sitemap=self._sitemap)
+                sp.fit_calibration(self._calibration[key])
+            else:
+                sp.calibrate(self._model, sites, batches, sitemap=self._sitemap)
             self._sparsifiers[sparsity] = sp
         return self._sparsifiers[sparsity]
 

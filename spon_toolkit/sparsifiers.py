@@ -199,7 +199,15 @@ class ThresholdSparsifier(Sparsifier):
         self.calibration_sparsity: dict[str, float] = {}
         self._fns: dict[float, Callable] = {}
 
-    def calibrate(self, model, sites, batches, sitemap=None) -> None:
+    def calibration_key(self) -> tuple:
+        """What the collected calibration statistics depend on besides the model, sites and batches: two
+        sparsifiers with equal keys can share one :meth:`collect_calibration` (the runner does, across
+        sparsity levels)."""
+        return (self.name, "abs-sorted", self.max_samples, self.seed)
+
+    def collect_calibration(self, model, sites, batches, sitemap=None) -> dict[str, torch.Tensor]:
+        """The sorted calibration magnitudes ``|x|`` of each site (a seeded sample of at most
+        ``max_samples``): what :meth:`fit_calibration` fits any sparsity level from."""
         from .activations import collect_site_inputs
         from .sites import SiteMap
 
@@ -209,12 +217,18 @@ class ThresholdSparsifier(Sparsifier):
             model, sites, batches, sitemap=sitemap, max_samples=self.max_samples, seed=self.seed,
             transform=torch.abs,
         )
-        for site in sites:
-            values = samples[site].float().sort().values
+        return {site: samples[site].float().sort().values for site in sites}
+
+    def fit_calibration(self, statistics: Mapping[str, torch.Tensor]) -> None:
+        """Set each site's threshold from its sorted calibration magnitudes at this sparsifier's sparsity."""
+        for site, values in statistics.items():
             t = calibrated_threshold(values, self.sparsity_for(site))
             self.thresholds[site] = t
             self.calibration_sparsity[site] = float((values <= t).float().mean()) if values.numel() else 0.0
         self._fns.clear()
+
+    def calibrate(self, model, sites, batches, sitemap=None) -> None:
+        self.fit_calibration(self.collect_calibration(model, sites, batches, sitemap=sitemap))
 
     def function(self, site: str) -> Callable[[torch.Tensor], torch.Tensor]:
         if site not in self.thresholds:

@@ -163,6 +163,29 @@ def test_shared_teacher_gives_the_same_biases_as_the_per_item_teacher(tmp_path, 
             assert a.keys() == b.keys() and all(bool((a[k] == b[k]).all()) for k in a)
 
 
+def test_threshold_calibration_is_collected_once_and_fits_every_sparsity_level(tmp_path, monkeypatch):
+    from spon_toolkit.runner import ExperimentRunner
+    from spon_toolkit.sparsifiers import ThresholdSparsifier
+
+    toolkit = Toolkit(load_entrypoints=False)
+    exp = load_experiment(write_spec(tmp_path, expect="  []", replace={
+        "sparsifier: magnitude": "sparsifier: threshold", "sparsity: [0.5]": "sparsity: [0.4, 0.7]"}), toolkit)
+    collected = []
+    real = ThresholdSparsifier.collect_calibration
+    monkeypatch.setattr(ThresholdSparsifier, "collect_calibration",
+                        lambda self, *a, **k: collected.append(1) or real(self, *a, **k))
+    runner = ExperimentRunner(exp, toolkit=toolkit, output_dir=tmp_path / "out", progress=False)
+    runner._load()
+    shared = {s: runner.sparsifier(s) for s in (0.4, 0.7)}
+    assert len(collected) == 1
+    for s, sp in shared.items():  # same thresholds as calibrating each level on its own
+        alone = ThresholdSparsifier(s)
+        alone.calibrate(runner._model, sp.thresholds, runner._batches(runner._data.calibration),
+                        sitemap=runner._sitemap)
+        assert alone.thresholds == sp.thresholds and len(sp.thresholds) == 2
+    assert all(shared[0.4].thresholds[k] < shared[0.7].thresholds[k] for k in shared[0.4].thresholds)
+
+
 def test_pytest_xdist_two_workers_run_a_tiny_spec_like_spon_run(tmp_path, pytester):
     pytest.importorskip("xdist")
     toolkit = Toolkit(load_entrypoints=False)
