@@ -15,7 +15,8 @@ step, and the KL computation alone on ``8*128 x 49152`` logits (forward + backwa
 chunking and unchunked. Memory numbers are the increase of max RSS over the RSS just before the measured
 operation, with its inputs already allocated.
 
-Run: ``python benchmarks/bench_train.py [--dtype bfloat16|float32] [--reps 3] [--threads N]``.
+Run: ``python benchmarks/bench_train.py [--dtype bfloat16|float32] [--reps 3] [--threads N]``;
+``--memory-options`` compares micro-batches and activation checkpointing (peak RSS, step time).
 """
 
 from __future__ import annotations
@@ -109,6 +110,43 @@ def _child(kind: str, dtype: str, queue) -> None:
 
 _THREADS = [torch.get_num_threads()]
 
+#: trainer memory options compared by ``--memory-options`` (each in a fresh subprocess)
+VARIANTS = {
+    "whole batch": {},
+    "micro-batch 4": {"micro_batch_size": 4},
+    "micro-batch 2": {"micro_batch_size": 2},
+    "checkpointing": {"activation_checkpointing": True},
+    "checkpointing + micro-batch 4": {"activation_checkpointing": True, "micro_batch_size": 4},
+}
+
+
+def _variant_child(options: dict, dtype: str, reps: int, queue) -> None:
+    """Peak RSS increase over the loaded model and the median step time (teacher cached) of one variant."""
+    from spon_toolkit.train import KLTrainer
+
+    torch.set_num_threads(_THREADS[0])
+    model, ids, sm = _setup(dtype)
+    before = _rss_mb()
+    trainer = KLTrainer(epochs=reps + 1, teacher_cache_mb=1024.0, logging_steps=1, progress=False, **options)
+    result = trainer.train(sm, [ids])
+    times = [BATCH * BLOCK / m["tokens_per_s"] for m in result.metrics][1:]
+    queue.put({"peak_extra_mb": _peak_mb() - before, "model_rss_mb": before, "step_s": statistics.median(times)})
+
+
+def _memory_options(dtype: str, reps: int) -> dict:
+    ctx = mp.get_context("spawn")
+    out = {}
+    for name, options in VARIANTS.items():
+        q = ctx.Queue()
+        p = ctx.Process(target=_variant_child, args=(options, dtype, reps, q))
+        p.start()
+        out[name] = q.get()
+        p.join()
+    base = out["whole batch"]
+    for row in out.values():
+        row["step_ratio_vs_whole_batch"] = row["step_s"] / base["step_s"]
+    return out
+
 
 def _measure_memory(dtype: str, kinds=("dense", "train_step", "kl_chunked", "kl_unchunked")) -> dict[str, float]:
     ctx = mp.get_context("spawn")
@@ -131,7 +169,18 @@ def main() -> None:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory subprocesses")
     parser.add_argument("--kl-memory-only", action="store_true",
                         help="only the KL memory measurement (chunked vs unchunked; no model)")
+    parser.add_argument("--memory-options", action="store_true",
+                        help="compare the trainer's memory options (micro-batches, activation checkpointing): "
+                             "peak RSS above the loaded model and step time with the teacher cached")
     args = parser.parse_args()
+    if args.memory_options:
+        if args.threads:
+            _THREADS[0] = args.threads
+        print(json.dumps({"protocol": f"smollm2-135m {args.dtype}, batch {BATCH}x{BLOCK}, magnitude 0.5 on "
+                                      f"down_proj x30, UNIF-ALL, kl trainer, teacher cached, {_THREADS[0]} threads, "
+                                      f"median of {args.reps} steps after one; each variant in a fresh process",
+                          **_memory_options(args.dtype, args.reps)}, indent=2))
+        return
     if args.kl_memory_only:
         print(json.dumps(_measure_memory(args.dtype, ("kl_chunked", "kl_unchunked")), indent=2))
         return

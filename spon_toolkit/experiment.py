@@ -160,6 +160,9 @@ class ExperimentSpec(_Strict):
     allocations: list[AllocationSpec] = Field(min_length=1)
     trainer: TrainerSpec = Field(default_factory=TrainerSpec)
     seeds: list[Annotated[int, Field(strict=True)]] = Field(default_factory=lambda: [0], min_length=1)
+    #: what a seed changes: `training` (batch order, trainer randomness) or `data` (also the training and
+    #: calibration samples; eval blocks fixed). See spon_toolkit.expdata.
+    seed_scope: Literal["training", "data"] = "training"
     analyzers: list[AnalyzerSpec] = Field(default_factory=list)
     importance: dict[str, dict[str, Any]] = Field(default_factory=dict)
     #: an override file written by `spon importance -o` (relative to the spec file): layers for the
@@ -392,6 +395,8 @@ class Item:
                                           "importance"})
         if spec.downstream is not None:  # absent from the hash when unset, so older results still resume
             shared["downstream"] = spec.downstream.model_dump()
+        if spec.seed_scope != "training":  # likewise
+            shared["seed_scope"] = spec.seed_scope
         return _spec_hash({**shared, "allocation": self.allocation.model_dump(), "sparsity": self.sparsity,
                            "seed": self.seed})
 
@@ -418,7 +423,9 @@ class Experiment:
 
     @property
     def spec_hash(self) -> str:
-        return _spec_hash(self.spec.model_dump(exclude={"downstream"} if self.spec.downstream is None else None))
+        exclude = {k for k, default in (("downstream", None), ("seed_scope", "training"))
+                   if getattr(self.spec, k) == default}  # unset keys leave older hashes as they were
+        return _spec_hash(self.spec.model_dump(exclude=exclude or None))
 
     @property
     def expectations(self) -> list[Expectation]:

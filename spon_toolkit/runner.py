@@ -25,6 +25,7 @@ from typing import Any
 
 from .contracts import build_sparsifier, build_trainer, run_analyzer, run_trainer
 from .errors import ConfigError, SponError
+from .expdata import ExperimentData, load_experiment_data, seeded_data
 from .experiment import Experiment, Item, keyword_matcher, load_experiment
 from .results import ExperimentManager
 
@@ -80,20 +81,6 @@ def item_slug(item: Item) -> str:
 
 
 @dataclass
-class ExperimentData:
-    """The token blocks of one experiment (see :mod:`spon_toolkit.data`); training never sees eval text."""
-
-    calibration: Any
-    train: Any
-    validation: Any
-    eval: Any
-
-    def protocol(self, split: str) -> dict[str, Any]:
-        blocks = getattr(self, split)
-        return {} if blocks is None else blocks.protocol()
-
-
-@dataclass
 class EvalResult:
     """Perplexity of one model state with its per-block NLLs and the protocol."""
 
@@ -126,10 +113,11 @@ class ExperimentRunner:
         self._model = self._tokenizer = self._data = None
         self._sitemap = None
         self._dense: EvalResult | None = None
-        self._sparsifiers: dict[float, Any] = {}
+        self._sparsifiers: dict[tuple, Any] = {}
+        self._seeded: dict[tuple[int, int], ExperimentData] = {}  # per-seed samples (seed scope 'data')
         self._calibration: dict[tuple, Any] = {}  # collected calibration statistics, shared by sparsity levels
-        self._teal: dict[tuple[float, tuple[str, ...]], EvalResult] = {}
-        self._importance: dict[tuple[float, str], Any] = {}
+        self._teal: dict[tuple, EvalResult] = {}
+        self._importance: dict[tuple, Any] = {}
         self._overrides = None
         self._records: dict[str, dict[str, Any]] = {}
         self.teacher = None  # SharedTeacher: the dense teacher's targets, computed once for all items
@@ -212,30 +200,13 @@ class ExperimentRunner:
             raise ConfigError(f"key 'sites': {spec.sites!r} selects no site of this model")
         from .models import context_length
 
-        self._data = self._load_data(tokenizer, context_length(model))
+        self._data = load_experiment_data(self.experiment, tokenizer, context_length(model))
         self._model, self._tokenizer, self._sitemap = model, tokenizer, sitemap
 
-    def _load_data(self, tokenizer, max_length: int | None) -> ExperimentData:
-        from .data import load_blocks
-
-        d = self.experiment.spec.data
-        opts = dict(d.options)
-
-        def blocks(split: str, n: int, seed: int):
-            source = getattr(d, f"{split}_source") or d.source
-            local = self.experiment.path.parent / source  # paths in a spec are relative to the spec file
-            source = str(local) if not Path(source).is_absolute() and local.exists() else source
-            return load_blocks(tokenizer, source, split, d.block_size, max_length=max_length, **opts).sample(n, seed)
-
-        calibration = blocks("calibration", d.calibration_blocks, 0)
-        train = blocks("calibration", d.train_blocks, 1) if d.train_blocks else calibration
-        validation = blocks("validation", d.validation_blocks, 0) if d.validation_blocks else None
-        evaluation = blocks("eval", d.eval_blocks, 0)
-        if evaluation.text_sha256 == calibration.text_sha256:
-            raise ConfigError(
-                f"{self.experiment.path}: key 'data': the calibration and eval text are the same "
-                f"({evaluation.source}); give distinct texts with data.calibration_source / data.eval_source")
-        return ExperimentData(calibration, train, validation, evaluation)
+    def _item_data(self, item: Item) -> ExperimentData:
+        """The item's blocks: its own calibration and training samples under seed scope ``data``."""
+        data = seeded_data(self._data, self.experiment, item.seed)
+        return self._seeded.setdefault(data.sample_seeds, data)
 
     def _batches(self, blocks) -> list:
         """Token blocks [N, T] as batches of ``data.batch_size`` rows."""
@@ -256,42 +227,45 @@ class ExperimentRunner:
             self._dense = self._evaluate(desc="dense")
         return self._dense
 
-    def sparsifier(self, sparsity: float):
+    def sparsifier(self, sparsity: float, data: ExperimentData | None = None):
         """The experiment's sparsifier at ``sparsity``, calibrated once on the calibration blocks."""
-        if sparsity not in self._sparsifiers:
+        data = data or self._data
+        if (sparsity, data.calibration_key) not in self._sparsifiers:
             spec = self.experiment.spec
             sp = build_sparsifier(self.toolkit, spec.sparsifier.name, sparsity, spec.sparsifier.options)
             sites = self._sitemap.resolve(spec.sites)
-            batches = self._batches(self._data.calibration)
+            batches = self._batches(data.calibration)
             if all(callable(getattr(sp, m, None)) for m in ("calibration_key", "collect_calibration",
                                                             "fit_calibration")):
                 # calibration statistics collected once, every sparsity level fitted from them
-                key = (sp.calibration_key(), tuple(sites))
+                key = (sp.calibration_key(), tuple(sites), data.calibration_key)
                 if key not in self._calibration:
                     self._calibration[key] = sp.collect_calibration(self._model, sites, batches,
                                                                     sitemap=self._sitemap)
                 sp.fit_calibration(self._calibration[key])
             else:
                 sp.calibrate(self._model, sites, batches, sitemap=self._sitemap)
-            self._sparsifiers[sparsity] = sp
-        return self._sparsifiers[sparsity]
+            self._sparsifiers[sparsity, data.calibration_key] = sp
+        return self._sparsifiers[sparsity, data.calibration_key]
 
-    def teal(self, sparsity: float, sparse_sites: Sequence[str]) -> EvalResult:
+    def teal(self, sparsity: float, sparse_sites: Sequence[str], data: ExperimentData | None = None) -> EvalResult:
         """Perplexity with ``sparse_sites`` sparsified and no biases (the TEAL baseline of those sites)."""
-        key = (sparsity, tuple(sparse_sites))
+        sp = self.sparsifier(sparsity, data)
+        key = (sparsity, tuple(sparse_sites), (data or self._data).calibration_key if sp.needs_calibration else 0)
         if key not in self._teal:
-            self._teal[key] = self._evaluate(self.sparsifier(sparsity), sparse_sites, desc=f"TEAL s={sparsity:g}")
+            self._teal[key] = self._evaluate(sp, sparse_sites, desc=f"TEAL s={sparsity:g}")
         return self._teal[key]
 
-    def importance(self, sparsity: float, method: str) -> dict[str, float]:
+    def importance(self, sparsity: float, method: str, data: ExperimentData | None = None) -> dict[str, float]:
         """Layer-importance scores of ``method`` (cached on disk by :func:`compute_importance` too)."""
         from .importance import compute_importance
 
-        key = (sparsity, method)
+        data = data or self._data
+        key = (sparsity, method, data.calibration_key)
         if key not in self._importance:
             spec = self.experiment.spec
-            result = compute_importance(method, self._model, self._batches(self._data.calibration),
-                                        self.sparsifier(sparsity), spec.sites, toolkit=self.toolkit,
+            result = compute_importance(method, self._model, self._batches(data.calibration),
+                                        self.sparsifier(sparsity, data), spec.sites, toolkit=self.toolkit,
                                         **spec.importance.get(method, {}))
             self._importance[key] = result.scores
         return self._importance[key]
@@ -348,18 +322,18 @@ class ExperimentRunner:
         timings: dict[str, float] = {}
         with self._stage(item.id, "load", timings):
             self._load()
-        model, sitemap = self._model, self._sitemap
+        model, sitemap, data = self._model, self._sitemap, self._item_data(item)
         with self._stage(item.id, "calibrate", timings):
-            sparsifier = self.sparsifier(item.sparsity)
+            sparsifier = self.sparsifier(item.sparsity, data)
         with self._stage(item.id, "allocate", timings):
             entry = self.toolkit.allocations.entry(item.allocation.name)
-            importance = {method: self.importance(item.sparsity, method) for method in self._needs(entry, item)}
+            importance = {m: self.importance(item.sparsity, m, data) for m in self._needs(entry, item)}
             ctx = AllocationContext.from_model(model, spec.sites, importance=importance, sitemap=sitemap)
             plan = allocate(self.toolkit, item.allocation.name, ctx, **self._allocation_options(item))
             self._check_analyzers(plan)  # before training: a bad option must not cost a training run
         with self._stage(item.id, "evaluate", timings):
             dense = self.dense()
-            teal = self.teal(item.sparsity, plan.sparse_sites)
+            teal = self.teal(item.sparsity, plan.sparse_sites, data)
 
         train_info: dict[str, Any] = {}
         history: list[dict[str, float]] = []
@@ -389,8 +363,8 @@ class ExperimentRunner:
                         trainer.shared_teacher = self.teacher
                     torch.manual_seed(item.seed)
                     if not train_info:
-                        result = run_trainer(trainer, sm, self._batches(self._data.train),
-                                             calibration_batches=self._batches(self._data.calibration))
+                        result = run_trainer(trainer, sm, self._batches(data.train),
+                                             calibration_batches=self._batches(data.calibration))
                         history = [{k: float(v) for k, v in m.items()} for m in result.metrics]
                         train_info = {"steps": result.steps, "tokens": result.tokens,
                                       "final_loss": result.final_loss, "mean_loss": result.mean_loss,
@@ -408,7 +382,7 @@ class ExperimentRunner:
                         # no wall-clock times in the checkpoint: a re-run gives a byte-identical file
                         training={"trainer": spec.trainer.name,
                                   **{k: v for k, v in train_info.items() if k != "seconds"}},
-                        data=self._data.protocol("train"),
+                        data=data.protocol("train"),
                         metrics={"ppl": spon.ppl, "dense_ppl": dense.ppl, "sparse_ppl": teal.ppl},
                         extra={"item": item.id, "allocation": plan.as_dict()})
             else:
@@ -435,7 +409,7 @@ class ExperimentRunner:
         return {
             "id": item.id, "item_hash": item.item_hash, "config": item.config, "allocation": item.allocation.name,
             "allocation_options": dict(item.allocation.options), "sparsity": item.sparsity, "seed": item.seed,
-            "dense_ppl": dense.ppl, "sparse_ppl": teal.ppl, "ppl": spon.ppl, "damage_recovered": recovered,
+            "seed_scope": self.experiment.spec.seed_scope, "dense_ppl": dense.ppl, "sparse_ppl": teal.ppl, "ppl": spon.ppl, "damage_recovered": recovered,
             "spon_params": plan.n_params, "n_biased_sites": len(plan.biased_sites),
             "n_sparse_sites": len(plan.sparse_sites), "achieved_sparsity": spon.achieved_sparsity,
             "train_steps": train_info.get("steps", 0), "train_final_loss": train_info.get("final_loss"),
@@ -462,7 +436,7 @@ class ExperimentRunner:
         out = {}
         for spec in self._analyzer_specs("item"):
             run = AnalysisRun(item=item, record=record, model=self._model, tokenizer=self._tokenizer,
-                              sparsifier=sparsifier, plan=plan, biases=biases, data=self._data,
+                              sparsifier=sparsifier, plan=plan, biases=biases, data=self._item_data(item),
                               run_dir=self.manager.run_dir,
                               figures_dir=self.manager.run_dir / "figures", sitemap=self._sitemap,
                               toolkit=self.toolkit)
@@ -599,10 +573,12 @@ def select_items(experiment: Experiment, keyword: str | None) -> list[Item]:
 
 def run_experiment(experiment: Experiment, *, toolkit, output_dir: str | Path = "results", keyword: str | None = None,
                    resume: bool = True, progress: bool | None = None,
-                   on_item: Callable[[Item, ItemOutcome | None, StageError | None], None] | None = None
-                   ) -> SweepResult:
-    """Run the selected items of one experiment, then aggregate. Failures are collected, not raised."""
+                   on_item: Callable[[Item, ItemOutcome | None, StageError | None], None] | None = None,
+                   share_teacher: bool = True) -> SweepResult:
+    """Run the selected items of one experiment, then aggregate. Failures are collected, not raised.
+    ``share_teacher=False`` makes each item compute its own teacher targets (for benchmarks)."""
     runner = ExperimentRunner(experiment, toolkit=toolkit, output_dir=output_dir, resume=resume, progress=progress)
+    runner.share_teacher = share_teacher
     sweep = SweepResult(experiment, runner)
     items = select_items(experiment, keyword)
     runner.prepare()  # a model or data problem is one error before any item, not one per item

@@ -20,6 +20,16 @@ settings.load_profile("spon")
 os.environ.setdefault("SPON_DISABLE_PLUGIN_AUTOLOAD", "1")
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``cuda`` skip (with the reason shown) on machines without a CUDA device."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     torch.manual_seed(0)

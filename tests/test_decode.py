@@ -333,7 +333,7 @@ def test_missing_numba_is_a_one_line_error_naming_the_extra(monkeypatch):
         assert torch.equal(_greedy(model, prompt), simulated)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.cuda
 def test_on_cuda_decode_mode_falls_back_and_matches_the_simulated_model():
     model, sitemap, thr, biases, prompt = _setup("all")
     model.cuda()

@@ -127,7 +127,7 @@ LAYERS = {
                "protocols", "registry", "hookspecs", "tiny"],
     "domain": ["aggregate", "contracts", "seed_checkpoint", "teacher", "models", "data", "evaluate", "checkpoint", "export", "train", "importance",
                "allocation", "analysis", "sae", "lmeval", "lmeval_data", "prompts"],
-    "pipeline": ["experiment", "eval_only", "records", "results", "runner", "report", "compat"],
+    "pipeline": ["experiment", "expdata", "eval_only", "records", "results", "runner", "report", "compat"],
     "entry": ["plugins", "builtin", "cli", "scaleout", "ray_executor", "testing", "__init__", "__main__", "lmeval_tasks"],
 }
 #: the one-line convenience API may reach the process-wide default toolkit (docs/plugins.md)

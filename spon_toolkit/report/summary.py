@@ -293,7 +293,10 @@ def _protocol_line(records: Sequence[Mapping[str, Any]], results_meta: Mapping[s
     source = results_meta.get("text_source") or "the eval text"
     model = proto.get("model") or "the model"
     sparsifier = re.sub(r"\(.*\)$", "", str(proto.get("sparsifier") or "")) or "the"
-    seed_part = (f"{len(seeds)} training seeds" if len(seeds) > 1 else "one training seed (intervals cover eval "
+    scope = next((r.get("seed_scope") for r in records if r.get("seed_scope")), "training")
+    kind = {"training": "training seeds (batch order only: same training and calibration samples)",
+            "data": "data seeds (each its own training and calibration samples)"}.get(scope, f"{scope} seeds")
+    seed_part = (f"{len(seeds)} {kind}" if len(seeds) > 1 else "one seed (intervals cover eval "
                  "blocks only, not training variance)")
     resample = "eval blocks and seeds" if len(seeds) > 1 else "eval blocks"
     return (f"Protocol: {model} ({proto.get('dtype', '?')}), {sparsifier} sparsification; perplexity on "

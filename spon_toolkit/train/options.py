@@ -63,6 +63,8 @@ class TrainOptions:
     teacher_cache_mb: float = 1024.0
     progress: bool = True
     gradient_accumulation_steps: int = 1  # batches per optimiser step; the gradient equals the joined batch's
+    micro_batch_size: int | None = None  # rows per forward/backward within a batch (same gradient, less memory)
+    activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass (less memory)
 
     def __post_init__(self) -> None:
         lr = self.learning_rate
@@ -104,6 +106,8 @@ class TrainOptions:
             raise ConfigError(f"init_batches must be >= 1 (or None for all), got {self.init_batches}")
         if self.gradient_accumulation_steps < 1:
             raise ConfigError(f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}")
+        if self.micro_batch_size is not None and self.micro_batch_size < 1:
+            raise ConfigError(f"micro_batch_size must be >= 1 row (or None for whole batches), got {self.micro_batch_size}")
         if self.seed < 0:
             raise ConfigError(f"seed must be a non-negative integer, got {self.seed}")
         for name in ("warmup_ratio", "min_lr_ratio", "temperature", "teacher_cache_mb"):

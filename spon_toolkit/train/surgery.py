@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -57,3 +58,31 @@ class _SparsifierView:
         if site in self.sites:
             return self.sparsifier.function(site)
         return lambda x: x
+
+
+@contextlib.contextmanager
+def checkpointed_layers(layers: Iterable[nn.Module]) -> Iterator[None]:
+    """Activation checkpointing of ``layers`` while the block runs: under autograd each layer keeps only its
+    inputs and is recomputed (hooks included) in the backward pass. The layers are given back unchanged:
+    the wrapper is an instance attribute that shadows ``forward`` and is deleted on exit."""
+    from torch.utils.checkpoint import checkpoint
+
+    wrapped: list[nn.Module] = []
+    try:
+        for layer in layers:
+            if "forward" in vars(layer):
+                raise RuntimeError(f"{type(layer).__name__} already has an instance-level forward; "
+                                   f"cannot checkpoint it")
+            original = layer.forward
+
+            def forward(*args, _original=original, **kwargs):
+                if not torch.is_grad_enabled():
+                    return _original(*args, **kwargs)
+                return checkpoint(_original, *args, use_reentrant=False, **kwargs)
+
+            layer.forward = forward
+            wrapped.append(layer)
+        yield
+    finally:
+        for layer in wrapped:
+            del layer.forward

@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,7 +17,17 @@ from ..errors import ConfigError
 from ..losses import chunked_cross_entropy, chunked_divergence, hidden_mse, kl_logit_l2_rows
 from ..sparse import SparseModel
 from .options import TrainingDivergedError, TrainOptions, TrainResult, _write_csv_atomic, lr_factor
-from .surgery import HeadSplit, _SparsifierView, split_head
+from .surgery import HeadSplit, _SparsifierView, checkpointed_layers, split_head
+
+
+def _rows(targets: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of batch-first teacher targets (a tensor or a dict of tensors)."""
+    if isinstance(targets, torch.Tensor):
+        return targets[start:stop]
+    if isinstance(targets, dict):
+        return {k: _rows(v, start, stop) for k, v in targets.items()}
+    raise TypeError(f"teacher targets must be a tensor or a dict of tensors to be split by rows, "
+                    f"got {type(targets).__name__}")
 
 
 class DistillationTrainer:
@@ -93,10 +103,13 @@ class DistillationTrainer:
         batches: Iterable,
         *,
         calibration_batches: Iterable | None = None,
+        on_step: Callable[[int, int], None] | None = None,
     ) -> TrainResult:
         """Train ``sparse_model.biases`` on ``batches`` (token-id tensors or dicts with ``input_ids``).
 
         ``calibration_batches`` feed the closed-form initialisation (default: the training batches).
+        ``on_step(step, tokens)`` is called after the initialisation (step 0) and after every optimiser
+        step, with the biases in place (e.g. to evaluate a learning curve; it must not change them).
         Returns a :class:`TrainResult`; writes the metrics CSV when ``metrics_csv`` is set.
         """
         opts = self.options
@@ -136,7 +149,9 @@ class DistillationTrainer:
                 self.prepare(sm)
                 self._init_biases(sm, list(iter_input_ids(calibration_batches)) if calibration_batches
                                   is not None else data)
-                return self._loop(sm, data, params, steps, warmup, gen, device)
+                layers = sm.sitemap.layers if opts.activation_checkpointing else ()
+                with checkpointed_layers(layers):
+                    return self._loop(sm, data, params, steps, warmup, gen, device, on_step)
             finally:
                 self.finish(sm)
                 for p, flag in frozen:
@@ -157,7 +172,7 @@ class DistillationTrainer:
                 current = []
         return groups
 
-    def _loop(self, sm, data, params, micro_steps, warmup, gen, device) -> TrainResult:
+    def _loop(self, sm, data, params, micro_steps, warmup, gen, device, on_step=None) -> TrainResult:
         opts = self.options
         optimizer = torch.optim.AdamW(params, lr=opts.learning_rate, betas=tuple(opts.betas),
                                       weight_decay=opts.weight_decay)
@@ -186,6 +201,8 @@ class DistillationTrainer:
 
         bar = tqdm(total=steps, desc=f"train {self.objective}", unit="step",
                    disable=None if opts.progress else True, leave=False)
+        if on_step is not None:
+            on_step(0, 0)
         try:
             for step, (epoch, group) in enumerate(groups):
                 lr = opts.learning_rate * lr_factor(step, steps, warmup, opts.schedule, opts.min_lr_ratio)
@@ -219,18 +236,22 @@ class DistillationTrainer:
                             else:
                                 cache_full = True
 
-                    with self._autocast(device):
-                        loss = self.student_loss(sm, ids, targets)
-                    micro = float(loss.detach())
-                    if not math.isfinite(micro):
-                        self._restore(params, last_good)
-                        raise TrainingDivergedError(
-                            f"loss became {micro} at step {step + 1}; biases reset to the last finite-loss "
-                            f"values (lower the learning rate, currently {opts.learning_rate:g}, or use float32)")
-                    # token-weighted, so accumulated batches give the gradient of the batch they join into
-                    weight = ids.numel() / group_tokens
-                    value += micro * weight
-                    (loss * weight if len(indices) > 1 else loss).backward()
+                    rows = ids.shape[0] if opts.micro_batch_size is None else int(opts.micro_batch_size)
+                    for r in range(0, ids.shape[0], rows):
+                        piece = ids[r:r + rows]
+                        with self._autocast(device):
+                            loss = self.student_loss(sm, piece, _rows(targets, r, r + rows))
+                        micro = float(loss.detach())
+                        if not math.isfinite(micro):
+                            self._restore(params, last_good)
+                            raise TrainingDivergedError(
+                                f"loss became {micro} at step {step + 1}; biases reset to the last finite-loss "
+                                f"values (lower the learning rate, currently {opts.learning_rate:g}, or use float32)")
+                        # token-weighted, so accumulated batches and micro-batches give the gradient of the
+                        # batch they join into
+                        weight = piece.numel() / group_tokens
+                        value += micro * weight
+                        (loss * weight if weight != 1.0 else loss).backward()
                 for p, good in zip(params, last_good, strict=True):
                     good.copy_(p.detach())
                 if opts.max_grad_norm is not None:
@@ -246,6 +267,12 @@ class DistillationTrainer:
                 optimizer.step()
 
                 tokens_seen += group_tokens
+                if on_step is not None:  # its time is left out of tokens/s and elapsed time
+                    t_cb = time.perf_counter()
+                    on_step(step + 1, tokens_seen)
+                    t_cb = time.perf_counter() - t_cb
+                    start += t_cb
+                    window_start += t_cb
                 losses.append(value)
                 window_loss += value
                 window_norm += norm
@@ -354,6 +381,10 @@ class HiddenMSETrainer(DistillationTrainer):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
+        if self.options.micro_batch_size is not None:
+            raise ConfigError("hidden_mse divides by the mean square of the whole batch's dense outputs, so "
+                              "micro-batches would change the loss; leave micro_batch_size unset "
+                              "(activation_checkpointing saves memory without changing it)")
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 

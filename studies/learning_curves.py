@@ -1,0 +1,145 @@
+"""Learning curves of SPON: damage recovered on held-out text vs training tokens, learning rate and init.
+
+Protocol (defaults): smollm2-135m in float32 on the model's device (CUDA when present), magnitude top-k on
+every ``down_proj`` input (UNIF-ALL biases, float32), the ``kl`` trainer with a constant learning rate after
+``--warmup-steps`` warm-up steps (so a point at T tokens is the run's state after T tokens; a cosine run of
+budget T would end differently), batch 8 x 128 tokens, one pass over distinct training blocks. Data seed
+``d`` draws the training sample and the closed-form calibration sample from the sotu calibration split
+(1790-2007) with the ``data`` seed scope of experiments (``spon_toolkit.expdata.data_sample_seeds``) and
+orders the batches with seed ``d``; the eval blocks are fixed (the first ``--eval-blocks`` of a seed-0
+sample of the 2016-2026 eval split), so configurations are compared on the same text.
+Damage recovered = (PPL_sparse - PPL_spon) / (PPL_sparse - PPL_dense); its mean and Student-t 95% interval
+are over data seeds. Token 0 is the initialisation alone.
+
+Rows go to ``OUT/curves.jsonl`` after each run (a run already there is skipped: the study resumes), the
+table to ``OUT/curves.md`` and ``OUT/summary.json``.
+
+Run: ``python studies/learning_curves.py --out reports/learning_curves [--sparsity 0.5 0.6] [--lr 1e-3 3e-3
+1e-2] [--init closed_form zero] [--seeds 0 1 2] [--max-tokens 32768]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+
+def _checkpoints(max_tokens: int, step_tokens: int) -> list[int]:
+    points, t = [0], step_tokens * 2
+    while t < max_tokens:
+        points.append(t)
+        t *= 2
+    return [*points, max_tokens]
+
+
+def _table(rows: list[dict], confidence_rows: list[dict]) -> str:
+    lines = ["| sparsity | init | lr | tokens | damage recovered, mean [95% CI] | n seeds |",
+             "|---|---|---|---|---|---|"]
+    for r in confidence_rows:
+        ci = ("" if r["ci_low"] is None else f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]")
+        lines.append(f"| {r['sparsity']} | {r['init']} | {r['lr']:g} | {r['tokens']} | "
+                     f"{100 * r['mean']:.1f}%{ci} | {r['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarize_rows(rows: list[dict]) -> list[dict]:
+    from spon_toolkit.aggregate import summarize
+
+    groups: dict[tuple, list[float]] = {}
+    for r in rows:
+        groups.setdefault((r["sparsity"], r["init"], r["lr"], r["tokens"]), []).append(r["recovered"])
+    return [{"sparsity": k[0], "init": k[1], "lr": k[2], "tokens": k[3], **summarize(v)}
+            for k, v in sorted(groups.items())]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", required=True, help="directory of curves.jsonl, curves.md, summary.json")
+    parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
+    parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
+    parser.add_argument("--init", nargs="+", default=["closed_form", "zero"], choices=["closed_form", "zero"])
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--max-tokens", type=int, default=32768)
+    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--eval-blocks", type=int, default=32)
+    parser.add_argument("--calibration-blocks", type=int, default=16)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    from spon_toolkit import MagnitudeSparsifier, SparseModel, SponBiases, load_model
+    from spon_toolkit.data import load_blocks
+    from spon_toolkit.evaluate import evaluate_perplexity
+    from spon_toolkit.expdata import data_sample_seeds
+    from spon_toolkit.fileio import atomic_write_json, atomic_write_text
+    from spon_toolkit.teacher import SharedTeacher
+    from spon_toolkit.train import KLTrainer
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "curves.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    done = {(r["sparsity"], r["init"], r["lr"], r["seed"]) for r in rows}
+
+    block, batch = 128, 8
+    model, tok = load_model("smollm2-135m", dtype="float32", device=args.device)
+    calibration = load_blocks(tok, "sotu", "calibration", block)
+    evaluation = load_blocks(tok, "sotu", "eval", block).sample(args.eval_blocks, 0)
+
+    def ppl(sparsifier=None, sites=None) -> float:
+        return float(evaluate_perplexity(model, evaluation, sparsifier=sparsifier, sites=sites,
+                                         batch_size=batch, progress=False).perplexity)
+
+    dense = ppl()
+    checkpoints = _checkpoints(args.max_tokens, batch * block)
+    teacher = SharedTeacher(4096)  # the dense targets of a seed's batches, shared by its runs
+    for s in args.sparsity:
+        sparsifier = MagnitudeSparsifier(s)
+        sparse = ppl(sparsifier, "down_proj")
+        for seed in args.seeds:
+            calibration_seed, train_seed = data_sample_seeds(seed, "data")
+            calib = list(calibration.sample(args.calibration_blocks, calibration_seed).batches(batch))
+            train = list(calibration.sample(args.max_tokens // block, train_seed).batches(batch))
+            for init in args.init:
+                for lr in args.lr:
+                    if (s, init, lr, seed) in done:
+                        continue
+                    sm = SparseModel(model, sparsifier, "down_proj", biases=SponBiases(model, "down_proj"))
+                    trainer = KLTrainer(epochs=1, learning_rate=lr, init=init, schedule="constant",
+                                        warmup_steps=args.warmup_steps, seed=seed, progress=False,
+                                        logging_steps=10**6)
+                    trainer.shared_teacher = teacher
+                    run: list[dict] = []
+                    t0 = time.perf_counter()
+
+                    def on_step(step: int, tokens: int) -> None:
+                        if tokens in checkpoints:
+                            with torch.no_grad():
+                                p = ppl()  # the model carries the sparsifier and the biases being trained
+                            run.append({"sparsity": s, "init": init, "lr": lr, "seed": seed, "tokens": tokens,
+                                        "step": step, "ppl": p, "dense_ppl": dense, "sparse_ppl": sparse,
+                                        "recovered": (sparse - p) / (sparse - dense)})
+
+                    trainer.train(sm, train, calibration_batches=calib, on_step=on_step)
+                    sm.detach()
+                    rows += run
+                    print(f"s={s} init={init} lr={lr:g} seed={seed}: "
+                          + ", ".join(f"{r['tokens']}:{100 * r['recovered']:.1f}%" for r in run)
+                          + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
+                    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    summary = summarize_rows(rows)
+    protocol = (f"smollm2-135m float32, magnitude top-k on down_proj (UNIF-ALL), kl trainer, constant lr after "
+                f"{args.warmup_steps} warm-up steps, batch {batch}x{block}, one pass over distinct sotu "
+                f"calibration blocks per data seed ('data' seed scope), closed-form init on "
+                f"{args.calibration_blocks} blocks; eval: {args.eval_blocks} fixed blocks of the sotu eval split; "
+                f"dense PPL {dense:.3f}; 95% Student-t intervals over data seeds")
+    atomic_write_json(out / "summary.json", {"protocol": protocol, "rows": summary})
+    atomic_write_text(out / "curves.md", f"Protocol: {protocol}.\n\n" + _table(rows, summary))
+    print(_table(rows, summary))
+
+
+if __name__ == "__main__":
+    main()
