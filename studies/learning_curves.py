@@ -56,6 +56,23 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
             for k, v in sorted(groups.items())]
 
 
+def _merge(dirs: list[str], out: Path) -> None:
+    from spon_toolkit.fileio import atomic_write_json, atomic_write_text
+
+    rows, protocols = [], []
+    for d in dirs:
+        rows += [json.loads(line) for line in (Path(d) / "curves.jsonl").read_text().splitlines()]
+        protocols.append(json.loads((Path(d) / "summary.json").read_text())["protocol"])
+    if len(set(protocols)) != 1:
+        raise SystemExit(f"the studies were run with different protocols: {sorted(set(protocols))}")
+    out.mkdir(parents=True, exist_ok=True)
+    summary = summarize_rows(rows)
+    atomic_write_text(out / "curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    atomic_write_json(out / "summary.json", {"protocol": protocols[0], "rows": summary})
+    atomic_write_text(out / "curves.md", f"Protocol: {protocols[0]}.\n\n" + _table(rows, summary))
+    print(_table(rows, summary))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="directory of curves.jsonl, curves.md, summary.json")
@@ -68,7 +85,13 @@ def main() -> None:
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--calibration-blocks", type=int, default=16)
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
+                        help="only merge the curves.jsonl of these study directories into --out and summarise")
     args = parser.parse_args()
+    if args.merge:
+        _merge(args.merge, Path(args.out))
+        return
 
     from spon_toolkit import MagnitudeSparsifier, SparseModel, SponBiases, load_model
     from spon_toolkit.data import load_blocks
@@ -78,6 +101,8 @@ def main() -> None:
     from spon_toolkit.teacher import SharedTeacher
     from spon_toolkit.train import KLTrainer
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curves.jsonl"

@@ -164,8 +164,11 @@ def test_spon_run_cli(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     write_spec(tmp_path, expect=FAILING)
     code = cli.main(["run", "exp_tiny.yaml", "-k", "UNIF-ALL and seed=0", "--output-dir", "out"])
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert code == 1  # the expectation fails
+    # one line per finished item with its PPL, counted also when the bar is off (not a terminal)
+    assert "exp_tiny.yaml::UNIF-ALL[s=0.5,seed=0]  SPON PPL" in captured.err and "[1/1]" in captured.err
     assert "FAILED exp_tiny.yaml::UNIF-ALL[s=0.5,seed=0]: stage 'expectations' failed" in out
     assert "spon_params[UNIF-ALL] = 128 < spon_params[TOP-50] = 64 is False" in out
     # the expectation needed TOP-50 at the same (sparsity, seed): it was run and recorded too

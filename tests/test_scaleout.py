@@ -221,6 +221,21 @@ def test_worker_device_follows_the_index_and_the_override(monkeypatch):
     assert worker_device(1) == expected
 
 
+def test_cpu_workers_split_the_cores_instead_of_oversubscribing(monkeypatch):
+    import torch
+
+    from spon_toolkit.scaleout import cpu_threads, use_worker_device
+
+    assert cpu_threads(2, cores=2) == 1 and cpu_threads(4, cores=16) == 4 and cpu_threads(8, cores=2) == 1
+    assert cpu_threads(1, cores=6) == 6
+    if not torch.cuda.is_available():
+        before = torch.get_num_threads()
+        try:
+            assert use_worker_device(0, workers=10**6) == "cpu" and torch.get_num_threads() == 1
+        finally:
+            torch.set_num_threads(before)
+
+
 KILLER = '''
 import os
 from spon_toolkit.hookspecs import hookimpl

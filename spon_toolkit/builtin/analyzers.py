@@ -257,7 +257,8 @@ def hidden_state_shift(run, blocks: int = 8):
     out_metrics: dict[str, list] = {"kl_sparse": [], "kl_spon": [], "top1_sparse": [], "top1_spon": []}
     try:
         with torch.no_grad():
-            for ids in _batches(data):
+            # two blocks at a time: three models' hidden states and logits of 8 blocks peaked at 2.3 GB
+            for ids in _batches(data, 2):
                 hd, ld = _states(run, sm, ids, "dense")
                 for mode in ("sparse", "spon"):
                     hs, ls = _states(run, sm, ids, mode)

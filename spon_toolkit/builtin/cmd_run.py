@@ -127,7 +127,7 @@ def run(args, toolkit) -> int:
         rows.append(row)
         bar.update(1)
         bar.write(f"{row['status']:<8} {item.id}  SPON PPL {_fmt(row.get('ppl'))}  (TEAL {_fmt(row.get('sparse_ppl'))}, "
-                  f"dense {_fmt(row.get('dense_ppl'))})  {row.get('time', '')}  [{bar.n}/{total}]", file=sys.stderr)
+                  f"dense {_fmt(row.get('dense_ppl'))})  {row.get('time', '')}  [{len(rows)}/{total}]", file=sys.stderr)
 
     try:
         for exp in experiments:

@@ -90,7 +90,8 @@ def pytest_configure(config):
     if workerinput is not None:
         from spon_toolkit.scaleout import use_worker_device
 
-        use_worker_device(int(workerinput["workerid"].lstrip("gw") or 0))
+        use_worker_device(int(workerinput["workerid"].lstrip("gw") or 0),
+                          workers=int(workerinput.get("workercount", 1)))
     elif config.pluginmanager.hasplugin("xdist") and getattr(config.option, "numprocesses", None):
         config.pluginmanager.register(_XdistController(), "spon-xdist-controller")
 

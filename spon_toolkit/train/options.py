@@ -63,7 +63,9 @@ class TrainOptions:
     teacher_cache_mb: float = 1024.0
     progress: bool = True
     gradient_accumulation_steps: int = 1  # batches per optimiser step; the gradient equals the joined batch's
-    micro_batch_size: int | None = None  # rows per forward/backward within a batch (same gradient, less memory)
+    #: rows per forward/backward within a batch (the same gradient up to float rounding): 2 rows took 1.4 GB
+    #: less peak memory than whole 8-row batches at the same step time (benchmarks/bench_train.py)
+    micro_batch_size: int | None = 2
     activation_checkpointing: bool = False  # recompute each decoder layer in the backward pass (less memory)
 
     def __post_init__(self) -> None:

@@ -381,7 +381,9 @@ class HiddenMSETrainer(DistillationTrainer):
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        if self.options.micro_batch_size is not None:
+        if options.get("micro_batch_size") is None:
+            self.options.micro_batch_size = None  # whole batches (the default micro-batches do not apply)
+        else:
             raise ConfigError("hidden_mse divides by the mean square of the whole batch's dense outputs, so "
                               "micro-batches would change the loss; leave micro_batch_size unset "
                               "(activation_checkpointing saves memory without changing it)")
