@@ -15,7 +15,7 @@ Rows go to ``OUT/curves.jsonl`` after each run (a run already there is skipped: 
 table to ``OUT/curves.md`` and ``OUT/summary.json``.
 
 Run: ``python studies/learning_curves.py --out reports/learning_curves [--sparsity 0.5 0.6] [--lr 1e-3 3e-3
-1e-2] [--init closed_form zero] [--seeds 0 1 2] [--max-tokens 32768]``.
+1e-2] [--init closed_form zeros] [--seeds 0 1 2] [--max-tokens 32768]``.
 """
 
 from __future__ import annotations
@@ -78,7 +78,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="directory of curves.jsonl, curves.md, summary.json")
     parser.add_argument("--sparsity", type=float, nargs="+", default=[0.5])
     parser.add_argument("--lr", type=float, nargs="+", default=[1e-3, 3e-3, 1e-2])
-    parser.add_argument("--init", nargs="+", default=["closed_form", "zero"], choices=["closed_form", "zero"])
+    parser.add_argument("--init", nargs="+", default=["closed_form", "zeros"], choices=["closed_form", "zeros"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-tokens", type=int, default=32768)
     parser.add_argument("--warmup-steps", type=int, default=2)
