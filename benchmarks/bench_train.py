@@ -62,11 +62,11 @@ def _dense_forward(model, ids) -> float:
     return time.perf_counter() - t0
 
 
-def _train_steps(sm, ids, reps: int, cache_mb: float) -> list[float]:
+def _train_steps(sm, ids, reps: int, cache_mb: float, **options) -> list[float]:
     from spon_toolkit.train import KLTrainer
 
     # One batch repeated: with cache_mb=0 the teacher runs every step; otherwise it runs at step 1 only.
-    trainer = KLTrainer(epochs=reps + 1, teacher_cache_mb=cache_mb, logging_steps=1, progress=False)
+    trainer = KLTrainer(epochs=reps + 1, teacher_cache_mb=cache_mb, logging_steps=1, progress=False, **options)
     result = trainer.train(sm, [ids])
     return [BATCH * BLOCK / m["tokens_per_s"] for m in result.metrics][1:]
 
@@ -111,25 +111,21 @@ def _child(kind: str, dtype: str, queue) -> None:
 _THREADS = [torch.get_num_threads()]
 
 #: trainer memory options compared by ``--memory-options`` (each in a fresh subprocess)
-VARIANTS = {
-    "whole batch": {},
+VARIANTS = {  # micro_batch_size spelled out: the trainer's default is 2
+    "whole batch": {"micro_batch_size": None},
     "micro-batch 4": {"micro_batch_size": 4},
     "micro-batch 2": {"micro_batch_size": 2},
-    "checkpointing": {"activation_checkpointing": True},
+    "checkpointing": {"activation_checkpointing": True, "micro_batch_size": None},
     "checkpointing + micro-batch 4": {"activation_checkpointing": True, "micro_batch_size": 4},
 }
 
 
 def _variant_child(options: dict, dtype: str, reps: int, queue) -> None:
     """Peak RSS increase over the loaded model and the median step time (teacher cached) of one variant."""
-    from spon_toolkit.train import KLTrainer
-
     torch.set_num_threads(_THREADS[0])
     model, ids, sm = _setup(dtype)
     before = _rss_mb()
-    trainer = KLTrainer(epochs=reps + 1, teacher_cache_mb=1024.0, logging_steps=1, progress=False, **options)
-    result = trainer.train(sm, [ids])
-    times = [BATCH * BLOCK / m["tokens_per_s"] for m in result.metrics][1:]
+    times = _train_steps(sm, ids, reps, 1024.0, **options)
     queue.put({"peak_extra_mb": _peak_mb() - before, "model_rss_mb": before, "step_s": statistics.median(times)})
 
 
