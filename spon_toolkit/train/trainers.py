@@ -16,6 +16,7 @@ from ..activations import iter_input_ids, model_device
 from ..errors import ConfigError
 from ..losses import chunked_cross_entropy, chunked_divergence, hidden_mse, kl_logit_l2_rows
 from ..sparse import SparseModel
+from ..teacher import nbytes
 from .options import TrainingDivergedError, TrainOptions, TrainResult, _write_csv_atomic, lr_factor
 from .surgery import HeadSplit, _SparsifierView, checkpointed_layers, split_head
 
@@ -59,14 +60,6 @@ class DistillationTrainer:
     def student_loss(self, sm: SparseModel, ids: torch.Tensor, targets: Any) -> torch.Tensor:
         """The scalar loss of the sparse model with biases on one batch (with gradients)."""
         raise NotImplementedError
-
-    @staticmethod
-    def _nbytes(obj: Any) -> int:
-        if isinstance(obj, torch.Tensor):
-            return obj.numel() * obj.element_size()
-        if isinstance(obj, dict):
-            return sum(DistillationTrainer._nbytes(v) for v in obj.values())
-        return 0
 
     # -- the loop ---------------------------------------------------------------------------------------
     def _autocast(self, device: torch.device):
@@ -229,7 +222,7 @@ class DistillationTrainer:
                         if shared_keys is not None and self.shared_teacher.put(shared_keys[idx], targets):
                             cache[idx] = targets  # counted in the shared budget, not this item's
                         else:
-                            size = self._nbytes(targets)
+                            size = nbytes(targets)
                             if not cache_full and cache_bytes + size <= opts.teacher_cache_mb * 2**20:
                                 cache[idx] = targets
                                 cache_bytes += size
@@ -369,6 +362,21 @@ class JSTrainer(LogitDistillationTrainer):
     divergence = "js"
 
 
+@dataclass
+class HiddenMSEOptions(TrainOptions):
+    """:class:`TrainOptions` with whole batches: the loss divides by the mean square of the whole batch's
+    dense outputs, so micro-batches would change it."""
+
+    micro_batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.micro_batch_size is not None:
+            raise ConfigError("hidden_mse divides by the mean square of the whole batch's dense outputs, so "
+                              "micro-batches would change the loss; leave micro_batch_size unset "
+                              "(activation_checkpointing saves memory without changing it)")
+
+
 class HiddenMSETrainer(DistillationTrainer):
     """Relative MSE between dense and sparse outputs of the sparsified sites (after the SPON bias).
 
@@ -378,15 +386,10 @@ class HiddenMSETrainer(DistillationTrainer):
     """
 
     objective = "hidden_mse"
+    options_class = HiddenMSEOptions
 
     def __init__(self, **options: Any):
         super().__init__(**options)
-        if options.get("micro_batch_size") is None:
-            self.options.micro_batch_size = None  # whole batches (the default micro-batches do not apply)
-        else:
-            raise ConfigError("hidden_mse divides by the mean square of the whole batch's dense outputs, so "
-                              "micro-batches would change the loss; leave micro_batch_size unset "
-                              "(activation_checkpointing saves memory without changing it)")
         self._captured: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
