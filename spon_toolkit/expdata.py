@@ -15,7 +15,13 @@ from typing import Any
 
 from .errors import ConfigError
 
-SEED_SCOPES = ("training", "data")
+#: what an interval over seeds measures, by seed scope (statistics.json and the report's protocol line)
+SEED_SCOPE_MEANING = {
+    "training": "seeds change the batch order and trainer randomness only; training and calibration samples "
+                "are shared, so the interval is a lower bound on the variance of a fresh run",
+    "data": "seeds also draw the training and calibration samples; eval blocks fixed, comparisons paired",
+}
+SEED_SCOPES = tuple(SEED_SCOPE_MEANING)
 
 
 def data_sample_seeds(seed: int, scope: str) -> tuple[int, int]:
@@ -84,4 +90,4 @@ def seeded_data(base: ExperimentData, experiment, seed: int) -> ExperimentData:
     return replace(base, calibration=calibration, train=train, sample_seeds=seeds)
 
 
-__all__ = ["SEED_SCOPES", "ExperimentData", "data_sample_seeds", "load_experiment_data", "seeded_data"]
+__all__ = ["SEED_SCOPES", "SEED_SCOPE_MEANING", "ExperimentData", "data_sample_seeds", "load_experiment_data", "seeded_data"]

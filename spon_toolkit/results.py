@@ -528,6 +528,8 @@ class ExperimentManager:
         atomic_write_json(self.aggregated_dir / "pareto.json", pareto)
         atomic_write_text(self.aggregated_dir / "latex_tables" / "ppl.tex", latex_ppl_table(
             stat_rows, caption=f"{self.experiment}: perplexity (mean $\\pm$ std over seeds) and damage recovered."))
+        from .expdata import SEED_SCOPE_MEANING
+
         scopes = sorted({r.get("seed_scope", "training") for r in records})
         atomic_write_json(self.analysis_dir / "statistics.json", {
             "confidence": CONFIDENCE, "method": "Student-t interval over seeds (std with ddof=1; "
@@ -538,14 +540,6 @@ class ExperimentManager:
             "averaged over seeds; one-sample t-test against 0); negative = lower perplexity than the baseline",
             "comparisons": comparisons})
         return {"statistics": stat_rows, "comparisons": comparisons, "pareto": pareto}
-
-
-#: what the interval over seeds measures, by seed scope (spon_toolkit.expdata)
-SEED_SCOPE_MEANING = {
-    "training": "seeds change the batch order and trainer randomness only; training and calibration samples "
-                "are shared, so the interval is a lower bound on the variance of a fresh run",
-    "data": "seeds also draw the training and calibration samples (eval blocks fixed, comparisons paired)",
-}
 
 
 # --- reading results back (reports) -------------------------------------------------------------------

@@ -22,6 +22,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ..expdata import SEED_SCOPE_MEANING
 from ..results import BASELINE, compute_pareto_frontier
 
 #: bootstrap resamples of the damage-recovered interval, and the generator seed (deterministic reports)
@@ -294,8 +295,8 @@ def _protocol_line(records: Sequence[Mapping[str, Any]], results_meta: Mapping[s
     model = proto.get("model") or "the model"
     sparsifier = re.sub(r"\(.*\)$", "", str(proto.get("sparsifier") or "")) or "the"
     scope = next((r.get("seed_scope") for r in records if r.get("seed_scope")), "training")
-    kind = {"training": "training seeds (batch order only: same training and calibration samples)",
-            "data": "data seeds (each its own training and calibration samples)"}.get(scope, f"{scope} seeds")
+    meaning = SEED_SCOPE_MEANING.get(scope)
+    kind = f"{scope} seeds" + (f" ({meaning})" if meaning else "")
     seed_part = (f"{len(seeds)} {kind}" if len(seeds) > 1 else "one seed (intervals cover eval "
                  "blocks only, not training variance)")
     resample = "eval blocks and seeds" if len(seeds) > 1 else "eval blocks"
