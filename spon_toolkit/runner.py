@@ -25,7 +25,7 @@ from typing import Any
 
 from .contracts import build_sparsifier, build_trainer, run_analyzer, run_trainer
 from .errors import ConfigError, SponError
-from .expdata import ExperimentData, load_experiment_data, seeded_data
+from .expdata import ExperimentData, data_sample_seeds, load_experiment_data, seeded_data
 from .experiment import Experiment, Item, keyword_matcher, load_experiment
 from .results import ExperimentManager
 
@@ -205,8 +205,10 @@ class ExperimentRunner:
 
     def _item_data(self, item: Item) -> ExperimentData:
         """The item's blocks: its own calibration and training samples under seed scope ``data``."""
-        data = seeded_data(self._data, self.experiment, item.seed)
-        return self._seeded.setdefault(data.sample_seeds, data)
+        seeds = data_sample_seeds(item.seed, self.experiment.spec.seed_scope)
+        if seeds not in self._seeded:  # sampled once per seed, not once per call
+            self._seeded[seeds] = seeded_data(self._data, self.experiment, item.seed)
+        return self._seeded[seeds]
 
     def _batches(self, blocks) -> list:
         """Token blocks [N, T] as batches of ``data.batch_size`` rows."""
