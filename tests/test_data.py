@@ -61,6 +61,20 @@ def test_sotu_text_is_joined_with_newlines_and_hashed():
     assert D.load_text("sotu").split == "eval"  # the default split
 
 
+def test_pydoc_split_is_by_topic_disjoint_and_covers_every_topic():
+    from pydoc_data.topics import topics
+
+    parts = {split: D.pydoc_split(split) for split in D.SPLITS}
+    names = {split: [n for n, _ in part] for split, part in parts.items()}
+    assert sorted(sum(names.values(), [])) == sorted(topics)  # every topic in exactly one split
+    order = sorted(topics)
+    assert names["eval"] == order[3::4] and names["validation"] == order[2::4]
+    src = D.load_text("pydoc:test")
+    assert src.split == "eval" and src.documents == tuple(names["eval"])
+    assert src.text == "\n".join(topics[n] for n in names["eval"])
+    assert src.sha256 != D.load_text("pydoc", "calibration").sha256
+
+
 def test_unknown_split_and_corpus():
     with pytest.raises(UnknownNameError, match="unknown split 'evl'.*Did you mean 'eval'"):
         D.load_text("sotu", "evl")

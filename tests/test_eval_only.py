@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from test_runner import write_spec
 
-from spon_toolkit.errors import SponError
+from spon_toolkit.checkpoint import CheckpointError
+from spon_toolkit.errors import ConfigError, SponError
+from spon_toolkit.eval_only import checkpoint_dir
 from spon_toolkit.experiment import load_experiment
 from spon_toolkit.plugins import Toolkit
 from spon_toolkit.runner import StageError, run_experiment
@@ -21,8 +23,10 @@ def test_evaluate_only_sweep_reproduces_the_trained_sweep(tmp_path):
     assert not trained.errors
     ckpt_dir = trained.runner.manager.run_dir / "checkpoints"
     assert list(ckpt_dir.glob("*.safetensors"))
+    experiment_dir = ckpt_dir.parent.parent.parent  # <output-dir>/<experiment>: its latest run's checkpoints
+    assert checkpoint_dir(None, str(experiment_dir)) == ckpt_dir
     replay_spec = write_spec(tmp_path, expect="  []", name="exp_replay.yaml",
-                             replace={**one_seed, "report: false": f"report: false\ncheckpoints: {ckpt_dir}"})
+                             replace={**one_seed, "report: false": f"report: false\ncheckpoints: {experiment_dir}"})
     replay = run_experiment(load_experiment(replay_spec, toolkit), toolkit=toolkit, output_dir=tmp_path / "out",
                             progress=False)
     assert not replay.errors
@@ -52,6 +56,18 @@ def test_missing_checkpoint_is_one_line(tmp_path):
                        replace={"report: false": "report: false\ncheckpoints: nowhere"})
     with pytest.raises(SponError, match="checkpoints: 'nowhere' is not a directory"):
         load_experiment(spec2, toolkit)  # before the model loads
+
+
+def test_checkpoints_from_a_results_directory_refuse_a_hostile_or_missing_latest_run(tmp_path):
+    (tmp_path / "metadata.json").write_text('{"latest_run": "../../etc"}')
+    with pytest.raises(ConfigError, match="not a safe file name"):
+        checkpoint_dir(None, str(tmp_path))
+    (tmp_path / "metadata.json").write_text('{"latest_run": "run_1"}')
+    with pytest.raises(CheckpointError, match="the latest run has no checkpoints folder"):
+        checkpoint_dir(None, str(tmp_path))
+    (tmp_path / "metadata.json").write_text('{"runs": []}')
+    with pytest.raises(CheckpointError, match="names no latest run"):
+        checkpoint_dir(None, str(tmp_path))
 
 
 def test_spon_eval_checkpoint(tmp_path):
