@@ -45,3 +45,38 @@ def test_undefined_damage_is_cannot_tell_not_a_number():
             r["block_nll"]["sparse"] = [x - 0.2 for x in r["block_nll"]["dense"]]
     row = next(r for r in findings.claims(recs) if r["claim"].startswith("o_proj"))
     assert row["verdict"].startswith("cannot tell (undefined")
+
+
+def _with_plans(records, params: dict[str, int], sites=("layers.0.down_proj",)):
+    for r in records:
+        r["spon_params"] = params[r["config"]]
+        r["plan"] = {"sparse_sites": list(sites)}
+    return records
+
+
+def test_pareto_row_finds_the_frontier_of_the_means_and_how_often_each_config_is_on_it():
+    recs = _with_plans(_records({"BASELINE-TEAL": 0.0, "TOP-50": 0.85, "BOTTOM-50": 0.5, "UNIF-ALL": 1.0}),
+                       {"BASELINE-TEAL": 0, "TOP-50": 10, "BOTTOM-50": 10, "UNIF-ALL": 20})
+    row = next(r for r in findings.claims(recs) if r["claim"].startswith("Pareto"))
+    assert row["frontier"] == ["BASELINE-TEAL", "TOP-50", "UNIF-ALL"]  # BOTTOM-50: same params, higher PPL
+    share = row["share_on_frontier"]
+    assert share["TOP-50"] > 0.99 and share["BOTTOM-50"] < 0.01 and share["UNIF-ALL"] > 0.99
+    assert "dominated: BOTTOM-50 (0%)" in row["text"]
+
+
+def test_data_driven_config_is_compared_with_the_static_one_of_the_nearest_parameter_count():
+    recs = _with_plans(_records({"UNIF-ALL": 1.0, "TOP-25": 0.4, "TOP-50": 0.85, "CRITICAL-ONLY": 0.9}),
+                       {"UNIF-ALL": 30, "TOP-25": 8, "TOP-50": 15, "CRITICAL-ONLY": 14})
+    row = next(r for r in findings.claims(recs) if r["claim"].startswith("CRITICAL-ONLY"))
+    assert "beats TOP-50 (15)" in row["claim"] and "(14 params)" in row["claim"]
+    assert abs(row["value"] - 0.05) < 0.01  # gain 0.9 - 0.85 PPL
+
+
+def test_out_of_domain_column_pairs_rows_by_claim():
+    rows = findings.claims(_records({"UNIF-ALL": 1.0, "TOP-50": 0.85, "BOTTOM-50": 0.5}))
+    ood = findings.claims(_records({"UNIF-ALL": 0.5, "TOP-50": 0.2, "BOTTOM-50": 0.3}))
+    text = findings.table(rows, ood)
+    line = next(x for x in text.splitlines() if x.startswith("| TOP-50 beats BOTTOM-50"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[-2] == "holds" and cells[-1] == "does not"  # 1.7x in domain, 0.67x out of domain
+    assert text.splitlines()[1].count("---") == 7
