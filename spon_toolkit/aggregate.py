@@ -129,18 +129,6 @@ def compare_to_baseline(records: Sequence[Mapping[str, Any]], baseline: str = BA
     return out
 
 
-def pareto_by_sparsity(stat_rows: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Per sparsity: all (config, SPON parameters, mean PPL) points and the Pareto frontier among them."""
-    out: dict[str, Any] = {"x": "spon_params", "y": "ppl_mean", "by_sparsity": []}
-    for s in sorted({r["sparsity"] for r in stat_rows}):
-        points = [{"config": r["config"], "spon_params": r["spon_params"], "ppl": r["ppl"]["mean"]}
-                  for r in stat_rows if r["sparsity"] == s]
-        frontier = compute_pareto_frontier(points)
-        out["by_sparsity"].append({"sparsity": s, "points": points,
-                                   "frontier": [p["config"] for p in frontier]})
-    return out
-
-
 def _latex_escape(text: str) -> str:
     return text.replace("_", r"\_").replace("%", r"\%").replace("&", r"\&")
 

@@ -47,7 +47,6 @@ from .aggregate import (  # noqa: F401  (re-exported: results is where users loo
     compare_to_baseline,
     compute_pareto_frontier,
     latex_ppl_table,
-    pareto_by_sparsity,
     summarize,
 )
 from .errors import ConfigError
@@ -523,7 +522,11 @@ class ExperimentManager:
         records = self._ordered()
         stat_rows = aggregate_statistics(records)
         comparisons = compare_to_baseline(records)
-        pareto = pareto_by_sparsity(stat_rows)
+        from .report.summary import pareto_groups  # one frontier per (sparsity, set of sparsified sites)
+
+        pareto = {"x": "spon_params", "y": "ppl_mean", "by_sparsity": [
+            {k: g[k] for k in ("sparsity", "sites", "label", "main", "teal_ppl", "points", "frontier")}
+            for g in pareto_groups(records)]}
         atomic_write_text(self.aggregated_dir / "summary.csv", csv_text(_summary_rows(stat_rows), SUMMARY_COLUMNS))
         atomic_write_json(self.aggregated_dir / "pareto.json", pareto)
         atomic_write_text(self.aggregated_dir / "latex_tables" / "ppl.tex", latex_ppl_table(
