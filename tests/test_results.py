@@ -153,3 +153,15 @@ def test_load_results_missing_files_name_the_file(tmp_path):
     with pytest.raises(ConfigError) as info:
         load_results(tmp_path / "t")
     assert "analysis/comparisons.json" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_pareto_json_has_one_frontier_per_set_of_sparsified_sites(tmp_path):
+    down, o_proj = ["layers.0.down_proj", "layers.1.down_proj"], ["layers.0.o_proj", "layers.1.o_proj"]
+    recs = [record("BASELINE-TEAL", 0.5, 0, 20.0, 0), record("UNIF-ALL", 0.5, 0, 15.0, 10),
+            record("ATTN-ONLY", 0.5, 0, 11.0, 10, sparse=12.0)]  # lower PPL, but on other sites
+    for r in recs:
+        r["plan"] = {"sparse_sites": o_proj if r["config"] == "ATTN-ONLY" else down}
+    pareto = load_results(make_run(tmp_path / "out", recs).experiment_dir).pareto["by_sparsity"]
+    assert [(g["main"], g["frontier"]) for g in pareto] == [(True, ["BASELINE-TEAL", "UNIF-ALL"]),
+                                                             (False, ["TEAL", "ATTN-ONLY"])]
+    assert pareto[1]["teal_ppl"] == 12.0 and pareto[1]["sites"] == o_proj
