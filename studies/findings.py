@@ -152,7 +152,7 @@ def pareto_row(arrays, info, s: float) -> dict | None:
     on = [c for c in sorted(params, key=params.get) if share[c][0] == 1.0]
     off = [c for c in sorted(params, key=params.get) if share[c][0] != 1.0]
     fmt = lambda c: f"{c} ({share[c][1].mean():.0%})"  # noqa: E731
-    text = ("on the frontier of the means: " + ", ".join(map(fmt, on)) + "; dominated: " + ", ".join(map(fmt, off))
+    text = ("on the frontier of the means: " + ", ".join(map(fmt, on)) + "; dominated: " + (", ".join(map(fmt, off)) or "none")
             + " (share of replicates on the frontier)")
     n_seeds, n_blocks = share[on[0]][2], share[on[0]][3]
     return {"claim": f"Pareto set (SPON parameters vs PPL) at {s:g}", "seed": "a frontier", "text": text,
@@ -230,6 +230,33 @@ def table(rows: list[dict], ood: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
+def config_table(records: list[Mapping], ood: list[Mapping] | None = None) -> str:
+    """Per sparsity and config: PPL and damage recovered (seed mean, bootstrap interval over eval blocks and
+    seeds; the report's numbers, from ``spon_toolkit.report.summary.vs_own_teal``), in and out of domain."""
+    from spon_toolkit.report.summary import vs_own_teal
+
+    def cells(row):
+        if row is None:
+            return ["-", "-"]
+        lo, hi = row["damage_ci"]
+        dr = row["damage_recovered"]
+        share = "-" if dr is None or not row["spon_params"] else (
+            f"{dr:.0%}" + ("" if lo is None else f" [{lo:.0%}, {hi:.0%}]"))
+        return [f"{row['ppl']:.3f} (TEAL {row['teal_ppl']:.3f})", share]
+
+    other = {(r["sparsity"], r["config"]): r for r in vs_own_teal(ood)} if ood is not None else {}
+    head = ["sparsity", "config", "sparsified", "params", "PPL in domain", "recovered in domain"]
+    if ood is not None:
+        head += ["PPL out of domain", "recovered out of domain"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in vs_own_teal(records):
+        row = [f"{r['sparsity']:g}", r["config"], r["sites"], f"{r['spon_params']:,}", *cells(r)]
+        if ood is not None:
+            row += cells(other.get((r["sparsity"], r["config"])))
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results", help="an experiment's results directory (<output-dir>/<experiment>)")
@@ -240,12 +267,16 @@ def main() -> None:
     from spon_toolkit.fileio import atomic_write_json
     from spon_toolkit.results import load_results
 
-    rows = claims(load_results(args.results).records)
-    ood = claims(load_results(args.ood).records) if args.ood else None
+    records = load_results(args.results).records
+    ood_records = load_results(args.ood).records if args.ood else None
+    rows = claims(records)
+    ood = claims(ood_records) if ood_records is not None else None
     if args.json:
         atomic_write_json(args.json, {"method": __doc__.split("\n\n")[1], "rows": rows,
                                       **({"out_of_domain": ood} if ood is not None else {})})
     print(table(rows, ood))
+    print()
+    print(config_table(records, ood_records))
 
 
 if __name__ == "__main__":
