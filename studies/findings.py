@@ -17,9 +17,9 @@ Statistics (gain = PPL_TEAL - PPL_SPON on the config's own sparsified sites):
   PPL among the configs sparsifying the same sites as UNIF-ALL (TEAL at zero parameters included); the
   point estimate says whether it is on the frontier of the means. This statistic has no interval.
 
-Run: ``python studies/findings.py RESULTS/EXPERIMENT [--ood RESULTS/OTHER] [--json OUT.json]``; prints a
-Markdown table, with an out-of-domain column when ``--ood`` names an evaluate-only sweep of the same items
-on another text.
+Run: ``python studies/findings.py RESULTS/EXPERIMENT [--ood RESULTS/OTHER] [--extra RESULTS/MORE]
+[--json OUT.json]``; prints a Markdown table, with an out-of-domain column when ``--ood`` names an
+evaluate-only sweep of the same items on another text, then a per-config table.
 """
 
 from __future__ import annotations
@@ -195,6 +195,10 @@ def claims(records: list[Mapping]) -> list[dict]:
                 f"at {s:g} (gain difference, PPL)", "data-driven better",
                 [(dd, s), (static, s)], lambda d, s=s, a=dd, b=static: gain(d[a, s]) - gain(d[b, s]),
                 _sign_verdict)
+        add(f"the seed's lr 1e-5 (zero init) barely moves the biases at {s:g}: its gain as a share of the "
+            f"default's (UNIF-ALL, lr 3e-3)", "barely moves", [("UNIF-ALL-lr1e-5", s), ("UNIF-ALL", s)],
+            lambda d, s=s: gain(d["UNIF-ALL-lr1e-5", s]) / gain(d["UNIF-ALL", s]),
+            lambda r: "holds (< 10%)" if r["ci_high"] < 0.1 else ("does not" if r["ci_low"] > 0.1 else "cannot tell"))
         row = pareto_row(arrays, info, s)
         if row is not None:
             rows.append(row)
@@ -262,12 +266,15 @@ def main() -> None:
     parser.add_argument("results", help="an experiment's results directory (<output-dir>/<experiment>)")
     parser.add_argument("--ood", help="the results directory of an evaluate-only sweep of the same items on "
                                       "another text (adds an out-of-domain column)")
+    parser.add_argument("--extra", action="append", default=[], metavar="RESULTS",
+                        help="results of another sweep on the same eval blocks and seeds whose configs join the "
+                             "claims (e.g. results/seed_lr: UNIF-ALL-lr1e-5); repeatable")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
     from spon_toolkit.fileio import atomic_write_json
     from spon_toolkit.results import load_results
 
-    records = load_results(args.results).records
+    records = [r for d in [args.results, *args.extra] for r in load_results(d).records]
     ood_records = load_results(args.ood).records if args.ood else None
     rows = claims(records)
     ood = claims(ood_records) if ood_records is not None else None

@@ -145,7 +145,8 @@ def main() -> None:
                     run: list[dict] = []
                     t0 = time.perf_counter()
 
-                    def on_step(step: int, tokens: int) -> None:
+                    def on_step(step: int, tokens: int, run=run, s=s, init=init, lr=lr, seed=seed, dense=dense,
+                                sparse=sparse) -> None:  # this iteration's values, bound explicitly
                         if tokens in checkpoints:
                             with torch.no_grad():
                                 p = ppl()  # the model carries the sparsifier and the biases being trained

@@ -80,3 +80,9 @@ def test_out_of_domain_column_pairs_rows_by_claim():
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[-2] == "holds" and cells[-1] == "does not"  # 1.7x in domain, 0.67x out of domain
     assert text.splitlines()[1].count("---") == 7
+
+
+def test_seed_learning_rate_row_is_the_share_of_the_default_gain():
+    rows = findings.claims(_records({"UNIF-ALL": 1.0, "UNIF-ALL-lr1e-5": 0.02}))
+    row = next(r for r in rows if r["claim"].startswith("the seed's lr 1e-5"))
+    assert abs(row["value"] - 0.02) < 0.01 and row["verdict"] == "holds (< 10%)"
