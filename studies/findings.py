@@ -271,11 +271,15 @@ def main() -> None:
                              "claims (e.g. results/seed_lr: UNIF-ALL-lr1e-5); repeatable")
     parser.add_argument("--json", help="also write the rows as JSON here")
     args = parser.parse_args()
+    from spon_toolkit.errors import SponError
     from spon_toolkit.fileio import atomic_write_json
     from spon_toolkit.results import load_results
 
-    records = [r for d in [args.results, *args.extra] for r in load_results(d).records]
-    ood_records = load_results(args.ood).records if args.ood else None
+    try:
+        records = [r for d in [args.results, *args.extra] for r in load_results(d).records]
+        ood_records = load_results(args.ood).records if args.ood else None
+    except SponError as exc:
+        raise SystemExit(f"error: {exc}") from None
     rows = claims(records)
     ood = claims(ood_records) if ood_records is not None else None
     if args.json:
