@@ -184,6 +184,8 @@ def claims(records: list[Mapping]) -> list[dict]:
         add(f"o_proj (ATTN-ONLY) recovers far more than down_proj (UNIF-ALL) at {s:g}: difference of damage "
             f"recovered", "80% vs 23%", [("ATTN-ONLY", s), ("UNIF-ALL", s)],
             lambda d, s=s: recovered(d["ATTN-ONLY", s]) - recovered(d["UNIF-ALL", s]), _sign_verdict)
+        add(f"ATTN-ONLY's biases improve on its own (o_proj-only) TEAL at {s:g} (gain, PPL; defined where the "
+            f"share is not)", "gain > 0", [("ATTN-ONLY", s)], lambda d, s=s: gain(d["ATTN-ONLY", s]), _sign_verdict)
         for dd in DATA_DRIVEN:
             if (dd, s) not in info or dd not in have:
                 continue
