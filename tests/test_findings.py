@@ -82,7 +82,9 @@ def test_out_of_domain_column_pairs_rows_by_claim():
     assert text.splitlines()[1].count("---") == 7
 
 
-def test_seed_learning_rate_row_is_the_share_of_the_default_gain():
+def test_seed_learning_rate_row_is_its_damage_recovered():
     rows = findings.claims(_records({"UNIF-ALL": 1.0, "UNIF-ALL-lr1e-5": 0.02}))
     row = next(r for r in rows if r["claim"].startswith("the seed's lr 1e-5"))
-    assert abs(row["value"] - 0.02) < 0.01 and row["verdict"] == "holds (< 10%)"
+    assert abs(row["value"] - 0.01) < 0.005 and row["verdict"] == "holds (< 15% recovered)"  # 0.02 / (22 - 20)
+    moved = next(r for r in findings.claims(_records({"UNIF-ALL-lr1e-5": 1.0})) if r["claim"].startswith("the seed"))
+    assert moved["verdict"] == "does not"
