@@ -26,14 +26,13 @@ def checkpoint_dir(spec_path: Path | None, directory: str) -> Path:
         raise CheckpointError(f"checkpoints: '{directory}' is not a directory (relative to the spec file or the "
                               f"working directory); point it at a run's checkpoints/ folder or an experiment's results directory")
     if (path / "metadata.json").is_file():
-        from .results import check_name, read_json
+        from .results import latest_run_dir
 
-        latest = read_json(path / "metadata.json", "metadata").get("latest_run")
-        if not isinstance(latest, str) or not latest:
+        _, run_dir = latest_run_dir(path)
+        if run_dir is None:
             raise CheckpointError(f"checkpoints: '{path / 'metadata.json'}' names no latest run; point "
                                   f"checkpoints at a run's checkpoints/ folder")
-        check_name(latest, "key 'latest_run'", path / "metadata.json")
-        path = path / "runs" / latest / "checkpoints"
+        path = run_dir / "checkpoints"
         if not path.is_dir():
             raise CheckpointError(f"checkpoints: the latest run has no checkpoints folder '{path}'; re-run the "
                                   f"sweep that trains them")

@@ -50,6 +50,7 @@ from .aggregate import (  # noqa: F401  (re-exported: results is where users loo
     summarize,
 )
 from .errors import ConfigError
+from .expdata import SEED_SCOPE_MEANING
 from .fileio import atomic_write_bytes, atomic_write_json, atomic_write_text, csv_text  # noqa: F401  (re-exported)
 
 BASELINE = "BASELINE-TEAL"
@@ -531,8 +532,6 @@ class ExperimentManager:
         atomic_write_json(self.aggregated_dir / "pareto.json", pareto)
         atomic_write_text(self.aggregated_dir / "latex_tables" / "ppl.tex", latex_ppl_table(
             stat_rows, caption=f"{self.experiment}: perplexity (mean $\\pm$ std over seeds) and damage recovered."))
-        from .expdata import SEED_SCOPE_MEANING
-
         scopes = sorted({r.get("seed_scope", "training") for r in records})
         atomic_write_json(self.analysis_dir / "statistics.json", {
             "confidence": CONFIDENCE, "method": "Student-t interval over seeds (std with ddof=1; "
@@ -594,6 +593,17 @@ def find_experiment_dirs(path: str | os.PathLike) -> list[Path]:
     return found
 
 
+def latest_run_dir(experiment_dir: str | os.PathLike) -> tuple[dict[str, Any], Path | None]:
+    """An experiment directory's ``metadata.json`` and the run directory its ``latest_run`` names (``None``
+    when it names none). A name that is not one safe path component is a one-line :class:`ConfigError`."""
+    d = Path(experiment_dir)
+    metadata = read_json(d / "metadata.json", "metadata")
+    latest = metadata.get("latest_run")
+    if not latest:
+        return metadata, None
+    return metadata, d / "runs" / check_name(latest, "key 'latest_run'", d / "metadata.json")
+
+
 def load_results(experiment_dir: str | os.PathLike) -> Results:
     """Load an experiment directory; a missing file is a one-line error naming it."""
     d = Path(experiment_dir)
@@ -601,13 +611,11 @@ def load_results(experiment_dir: str | os.PathLike) -> Results:
         if not (d / rel).is_file():
             raise ConfigError(f"{d / rel}: missing file '{rel}' of the results layout; re-run 'spon run' on the "
                               "experiment to write it")
-    metadata = read_json(d / "metadata.json", "metadata")
-    latest = metadata.get("latest_run")
-    if not latest:
+    metadata, run_dir = latest_run_dir(d)
+    if run_dir is None:
         raise ConfigError(f"{d / 'metadata.json'}: key 'latest_run' is missing; re-run 'spon run'")
-    check_name(latest, "key 'latest_run'", d / "metadata.json")
+    latest = run_dir.name
     check_name(metadata.get("experiment", d.name), "key 'experiment'", d / "metadata.json")
-    run_dir = d / "runs" / latest
     for rel in ("config.json", "results.json", "logs.json"):
         if not (run_dir / rel).is_file() and rel != "logs.json":
             raise ConfigError(f"{run_dir / rel}: missing file '{rel}' of run '{latest}' (named by key "
