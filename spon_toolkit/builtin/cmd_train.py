@@ -45,7 +45,8 @@ def configure_train(parser) -> None:
                         help="beta in output space (default) or beta = W alpha")
     parser.add_argument("--trainer", default="kl", help="registered trainer (default: kl)")
     parser.add_argument("--lr", type=float, default=DEFAULT_LR, help=f"peak learning rate (default: {DEFAULT_LR:g})")
-    parser.add_argument("--epochs", type=int, default=None, help="passes over the training blocks (default: 5)")
+    parser.add_argument("--epochs", type=int, default=None, help="passes over the training blocks (default: 1; "
+                        "with 64 blocks 8,192 tokens, the best held-out budget of the learning curves at lr 1e-2)")
     parser.add_argument("--max-tokens", type=int, default=None, help="token budget (overrides --epochs)")
     parser.add_argument("--init", default="closed_form", choices=["zeros", "closed_form"],
                         help="initial biases (default: closed_form)")
@@ -68,7 +69,7 @@ def _trainer_options(args) -> dict[str, Any]:
     if args.max_tokens is not None:
         options.update(max_tokens=args.max_tokens, epochs=None)
     else:
-        options["epochs"] = 5 if args.epochs is None else args.epochs
+        options["epochs"] = 1 if args.epochs is None else args.epochs
     if args.metrics_csv:
         options["metrics_csv"] = args.metrics_csv
     for item in args.option:
