@@ -31,10 +31,10 @@ def main() -> int:
     from spon_toolkit.builtin.sae_analyzer import analyze, check_options
     from spon_toolkit.checkpoint import load_checkpoint
     from spon_toolkit.data import load_blocks
+    from spon_toolkit.expdata import ExperimentData
     from spon_toolkit.models import load_model
     from spon_toolkit.plugins import Toolkit
     from spon_toolkit.runner import AnalysisRun
-    from spon_toolkit.expdata import ExperimentData
     from spon_toolkit.sites import SiteMap
     from spon_toolkit.sparse import SponBiases
 

@@ -168,10 +168,10 @@ def cache_dir(tmp_path, monkeypatch):
 
 def _tiny_run(tmp_path, model, *, n_cal=16, n_eval=4, T=24):
     from spon_toolkit.data import TokenBlocks
+    from spon_toolkit.expdata import ExperimentData
     from spon_toolkit.models import byte_tokenizer
     from spon_toolkit.plugins import Toolkit
     from spon_toolkit.runner import AnalysisRun
-    from spon_toolkit.expdata import ExperimentData
     from spon_toolkit.sites import SiteMap
     from spon_toolkit.sparse import SponBiases
     from spon_toolkit.sparsifiers import MagnitudeSparsifier

@@ -71,11 +71,11 @@ def run(args, toolkit) -> int:
     from spon_toolkit.contracts import run_analyzer
     from spon_toolkit.data import check_block_size, load_blocks
     from spon_toolkit.errors import ConfigError
+    from spon_toolkit.expdata import ExperimentData
     from spon_toolkit.fileio import atomic_write_json
     from spon_toolkit.models import context_length, load_model
     from spon_toolkit.results import check_output_dir
     from spon_toolkit.runner import AnalysisRun
-    from spon_toolkit.expdata import ExperimentData
     from spon_toolkit.sites import SiteMap
 
     # everything that needs no model first
