@@ -175,8 +175,9 @@ def main() -> None:
     budgets = sorted(set(args.budgets))
     if args.train_on != "calibration" and not budgets:
         raise SystemExit(f"--train-on {args.train_on} needs --budgets (one cosine run per budget)")
-    if any(b < 1024 for b in budgets):
-        raise SystemExit(f"--budgets: every budget must be at least one batch (1024 tokens), got {budgets}")
+    if any(b < 1024 or b % 1024 for b in budgets):
+        raise SystemExit(f"--budgets: every budget must be a whole number of batches (multiples of 1024 tokens), "
+                         f"got {budgets}")
     if rows and any((r.get("schedule", "constant"), r.get("train_on", "calibration"))
                     != ("cosine" if budgets else "constant", args.train_on) for r in rows):
         raise SystemExit(f"{path} holds runs of another schedule or training text; give --out a directory of its own")
