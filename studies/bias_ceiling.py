@@ -66,11 +66,14 @@ def collect(model, sitemap, sites, sparsifier, batches, mode: str, seed: int = 0
 
         return pre_hook
 
+    from spon_toolkit.activations import model_device
+
+    device = model_device(model)
     handles = [sitemap.module(s).register_forward_pre_hook(make_hook(s)) for s in sites]
     try:
         with torch.no_grad():
             for ids in batches:
-                model(input_ids=ids.to(next(model.parameters()).device))
+                model(input_ids=ids.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -118,7 +121,7 @@ def main() -> None:
     sitemap = SiteMap(model)
     sites = sitemap.resolve("down_proj")
     pool = load_blocks(tok, "sotu", "calibration", 128)
-    evaluation = [b for b in load_blocks(tok, "sotu", "eval", 128).sample(args.eval_blocks, 0).batches(8)]
+    evaluation = list(load_blocks(tok, "sotu", "eval", 128).sample(args.eval_blocks, 0).batches(8))
     rows = []
     for s in args.sparsity:
         sparsifier = MagnitudeSparsifier(s)
