@@ -55,12 +55,22 @@ def _table(summary: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_rows(path: Path) -> list[dict]:
+    """The points of a ``curves.jsonl``; rows of the first study, written before runs had a schedule and a
+    training text, get the constant schedule and the calibration split they were run with."""
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        r.setdefault("schedule", "constant")
+        r.setdefault("train_on", "calibration")
+    return rows
+
+
 def summarize_rows(rows: list[dict]) -> list[dict]:
     from spon_toolkit.aggregate import summarize
 
     groups: dict[tuple, list[float]] = {}
     for r in rows:
-        key = (r["sparsity"], r["init"], r["lr"], r.get("schedule", "constant"), r["tokens"])
+        key = (r["sparsity"], r["init"], r["lr"], r["schedule"], r["tokens"])
         groups.setdefault(key, []).append(r["recovered"])
     return [{"sparsity": k[0], "init": k[1], "lr": k[2], "schedule": k[3], "tokens": k[4], **summarize(v)}
             for k, v in sorted(groups.items())]
@@ -73,8 +83,7 @@ def paired_rows(rows: list[dict], reference: tuple[float, int, str]) -> list[dic
     from spon_toolkit.aggregate import summarize
 
     lr0, tokens0, init0 = reference
-    value = {(r["sparsity"], r.get("schedule", "constant"), r["init"], r["lr"], r["tokens"], r["seed"]): r["recovered"]
-             for r in rows}
+    value = {(r["sparsity"], r["schedule"], r["init"], r["lr"], r["tokens"], r["seed"]): r["recovered"] for r in rows}
     groups: dict[tuple, list[float]] = {}
     for (s, schedule, init, lr, tokens, seed), v in sorted(value.items()):
         ref = value.get((s, schedule, init0, lr0, tokens0, seed))
@@ -104,7 +113,7 @@ def _merge(dirs: list[str], out: Path, reference: tuple[float, int, str]) -> Non
     for d in dirs:
         if not (Path(d) / "curves.jsonl").is_file() or not (Path(d) / "summary.json").is_file():
             raise SystemExit(f"--merge: {d} is not a learning-curve study (no curves.jsonl and summary.json)")
-        rows += [json.loads(line) for line in (Path(d) / "curves.jsonl").read_text().splitlines()]
+        rows += read_rows(Path(d) / "curves.jsonl")
         protocols.append(json.loads((Path(d) / "summary.json").read_text())["protocol"])
     if len(set(protocols)) != 1:
         raise SystemExit(f"the studies were run with different protocols: {sorted(set(protocols))}")
@@ -171,15 +180,14 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / "curves.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    rows = read_rows(path) if path.exists() else []
     budgets = sorted(set(args.budgets))
     if args.train_on != "calibration" and not budgets:
         raise SystemExit(f"--train-on {args.train_on} needs --budgets (one cosine run per budget)")
     if any(b < 1024 or b % 1024 for b in budgets):
         raise SystemExit(f"--budgets: every budget must be a whole number of batches (multiples of 1024 tokens), "
                          f"got {budgets}")
-    if rows and any((r.get("schedule", "constant"), r.get("train_on", "calibration"))
-                    != ("cosine" if budgets else "constant", args.train_on) for r in rows):
+    if any((r["schedule"], r["train_on"]) != ("cosine" if budgets else "constant", args.train_on) for r in rows):
         raise SystemExit(f"{path} holds runs of another schedule or training text; give --out a directory of its own")
     # a constant-lr run is one (sparsity, init, lr, seed); a cosine run also has its budget
     done = {(r["sparsity"], r["init"], r["lr"], r["seed"], r["tokens"] if budgets else None) for r in rows}
